@@ -1,0 +1,1 @@
+"""Everything that runs things: config, CLI, Ray Train/Tune, MLflow tracking, benchmarks."""

@@ -1,0 +1,1 @@
+"""One module per `sdo` command group; each is a thin wrapper over library functions."""

@@ -1,0 +1,110 @@
+"""sdo: the Sparse DETR orchestrator.
+
+This file is the single place that knows how to build the native ops (`csrc/`):
+`ops_extension()` is used here by `pip install` (setuptools + torch BuildExtension + ninja) and by
+`sdo ops build` (JIT, `torch.utils.cpp_extension.load` with the same sources and flags).
+
+Install into an environment that already has torch (`pip install -e . --no-build-isolation`),
+so that a GPU user's CUDA torch is built against and no second torch is downloaded.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+OPS_NAME = "sdo_ops"
+
+
+def cuda_available_for_build() -> bool:
+    """CUDA sources are compiled only with a CUDA toolkit *and* a CUDA build of torch."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if os.environ.get("SDO_OPS_NO_CUDA") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def ops_sources(cuda: bool) -> list[str]:
+    """C++ sources always; `.cu` sources only for a CUDA build."""
+    sources = sorted(glob.glob(str(ROOT / "csrc" / "*.cpp")))
+    if cuda:
+        sources += sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
+    return sources
+
+
+def ops_compile_args(cuda: bool) -> dict[str, list[str]]:
+    args = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    if cuda:
+        args["cxx"].append("-DSDO_WITH_CUDA")
+        args["nvcc"] = ["-O3", "-std=c++17", "-DSDO_WITH_CUDA", "--use_fast_math",
+                        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    return args
+
+
+def ops_extension():
+    """The setuptools Extension of the ms_deform_attn op, or None when there are no sources."""
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cuda = cuda_available_for_build()
+    sources = ops_sources(cuda)
+    if not sources:
+        return None
+    kind = CUDAExtension if cuda else CppExtension
+    return kind(name=OPS_NAME, sources=[os.path.relpath(s, ROOT) for s in sources],
+                extra_compile_args=ops_compile_args(cuda), extra_link_args=["-fopenmp"])
+
+
+def _setup() -> None:
+    from setuptools import find_packages, setup
+
+    ext_modules, cmdclass = [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError:  # metadata-only runs (e.g. `pip download`): no torch, no ops
+        BuildExtension = None
+    if BuildExtension is not None and os.environ.get("SDO_SKIP_OPS") != "1":
+        extension = ops_extension()
+        if extension is not None:
+            ext_modules = [extension]
+            cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    setup(
+        name="sdo",
+        version="0.1.0",
+        description="Sparse DETR orchestrator: train and sweep Sparse DETR on Ray, tracked in MLflow",
+        long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+        long_description_content_type="text/markdown",
+        python_requires=">=3.10",
+        packages=find_packages(include=["model", "model.*", "pipelines", "pipelines.*",
+                                        "orchestrator", "orchestrator.*"]),
+        include_package_data=True,
+        install_requires=[
+            "torch>=2.4",
+            "ray[default,train,tune]>=2.50,<3",
+            "mlflow>=3.0,<4",
+            "webdataset>=0.2.100,<2",
+            "pycocotools>=2.0.7",
+            "click>=8.1",
+            "pyyaml>=6.0",
+            "ninja>=1.11",
+            "scipy>=1.10",
+            "numpy>=1.24",
+            "pillow>=10.0",
+            "tqdm>=4.66",
+            "matplotlib>=3.7",
+            "kubernetes>=29.0",
+            "jsonschema>=4.18",
+        ],
+        extras_require={"dev": ["pytest>=8.0", "ruff>=0.5"], "optuna": ["optuna>=3.0"], "swin": ["timm>=0.9"]},
+        entry_points={"console_scripts": ["sdo=orchestrator.cli:main"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
+
+
+if __name__ == "__main__":
+    _setup()
