@@ -14,7 +14,7 @@ setup:
     set -euo pipefail
     [ -x {{py}} ] || python3 -m venv {{venv}}
     if [ -f {{stamp}} ] && [ -z "$(find setup.py constraints.txt csrc -newer {{stamp}} -print -quit)" ]; then exit 0; fi
-    {{py}} -m pip install -q --upgrade pip
+    {{py}} -m pip install -q --upgrade pip setuptools wheel
     {{py}} -c "import torch" 2>/dev/null || {{py}} -m pip install -q {{torch}}
     {{py}} -m pip install -q -c constraints.txt --no-build-isolation -e ".[dev]"
     touch {{stamp}}
