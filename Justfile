@@ -24,7 +24,7 @@ demo: setup
     {{sdo}} data synth --out runs/demo/coco --train 96 --val 16 --size 256 --seed 0 --overwrite
     {{sdo}} data shard --images runs/demo/coco/train --annotations runs/demo/coco/annotations/instances_train.json --out runs/demo/shards/train --shard-size 32 --overwrite
     {{sdo}} data shard --images runs/demo/coco/val --annotations runs/demo/coco/annotations/instances_val.json --out runs/demo/shards/val --shard-size 16 --overwrite
-    {{sdo}} launch --config configs/demo.yaml --name demo
+    {{sdo}} launch --config configs/demo.yaml
 
 # Run the test suite (CPU; CUDA tests run only where a GPU is present).
 test *args: setup

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-OPS_NAME = "sdo_ops"
+OPS_NAME = "sdo_ops._C"  # the package sdo_ops/ imports torch, then this extension
 
 
 def cuda_available_for_build() -> bool:
@@ -36,12 +36,16 @@ def ops_sources(cuda: bool) -> list[str]:
 
 
 def ops_compile_args(cuda: bool) -> dict[str, list[str]]:
-    args = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    """Compiler flags; torch adds the C++ standard it needs (-std=c++20 for torch 2.13).
+
+    -fopenmp: `at::parallel_for` is inlined into our code and runs on OpenMP like torch itself.
+    The CUDA architectures follow torch: TORCH_CUDA_ARCH_LIST, else the visible GPUs, else every
+    architecture torch was built for.
+    """
+    args = {"cxx": ["-O3", "-fopenmp"]}
     if cuda:
         args["cxx"].append("-DSDO_WITH_CUDA")
-        args["nvcc"] = ["-O3", "-std=c++17", "-DSDO_WITH_CUDA", "--use_fast_math",
-                        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        args["nvcc"] = ["-O3", "-DSDO_WITH_CUDA", "-lineinfo"]
     return args
 
 
@@ -80,7 +84,7 @@ def _setup() -> None:
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
         packages=find_packages(include=["model", "model.*", "pipelines", "pipelines.*",
-                                        "orchestrator", "orchestrator.*"]),
+                                        "orchestrator", "orchestrator.*", "sdo_ops"]),
         include_package_data=True,
         install_requires=[
             "torch>=2.4",

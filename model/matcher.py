@@ -43,18 +43,21 @@ class HungarianMatcher(nn.Module):
 
         Returns B tuples (pred_idx [n_b], tgt_idx [n_b]) of int64, n_b = min(Q, N_b), pred_idx ascending.
         """
-        pred_logits = outputs["pred_logits"].float()
-        pred_boxes = outputs["pred_boxes"].float()
-        if len(targets) != pred_logits.shape[0]:
-            raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {pred_logits.shape[0]} predictions")
+        batch, num_queries = outputs["pred_logits"].shape[:2]
+        if len(targets) != batch:
+            raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {batch} predictions")
+        device = outputs["pred_logits"].device
+        sizes = [len(t["labels"]) for t in targets]
+        if sum(sizes) == 0:
+            return [(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)) for _ in targets]
+        # one cost matrix for the whole batch (few large kernels), cut per image for the assignment
+        tgt_labels = torch.cat([t["labels"] for t in targets]).to(device)
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()
+        cost = self.cost_matrix(outputs["pred_logits"].flatten(0, 1).float(), outputs["pred_boxes"].flatten(0, 1).float(),
+                                tgt_labels, tgt_boxes)
+        cost = cost.view(batch, num_queries, -1).cpu()
         indices = []
-        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
-            labels = target["labels"].to(logits.device)
-            if labels.numel() == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
-                continue
-            cost = self.cost_matrix(logits, boxes, labels, target["boxes"].to(boxes).float())
-            pred_idx, tgt_idx = linear_sum_assignment(cost.cpu().numpy())
+        for b, image_cost in enumerate(cost.split(sizes, dim=-1)):
+            pred_idx, tgt_idx = linear_sum_assignment(image_cost[b].numpy())
             indices.append((torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64)))
         return indices

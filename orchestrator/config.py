@@ -146,7 +146,7 @@ class ClusterConfig:
 
 @dataclass
 class SweepConfig:
-    space: dict = doc("search space: {config.key: {grid|choice: [...]} | {uniform|loguniform: [lo, hi]}}", default_factory=dict)
+    space: dict = doc("search space: {config.key: {grid|choice: [...]} | {uniform|loguniform|randint: [lo, hi]}}", default_factory=dict)
     num_samples: int = doc("samples drawn from the space (grid axes are crossed with it)", 1)
     max_concurrent: int = doc("trials running at once", 2)
     scheduler: str = doc("asha | fifo", "asha")

@@ -1,7 +1,61 @@
 """`sdo data ...`: synthetic COCO and COCO -> WebDataset shards (pipelines/)."""
+import json
+
 import click
 
 
 @click.group()
 def data() -> None:
     """Datasets: synthetic COCO, WebDataset shards."""
+
+
+@data.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Dataset root to create.")
+@click.option("--train", "num_train", default=96, show_default=True, type=click.IntRange(min=0),
+              help="Training images.")
+@click.option("--val", "num_val", default=16, show_default=True, type=click.IntRange(min=0),
+              help="Validation images.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(min=32),
+              help="Longer image side in pixels (some images are 3:4 or 4:3).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Dataset seed (same seed, same bytes).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+def synth(out_dir, num_train, num_val, size, seed, overwrite) -> None:
+    """Write a synthetic COCO dataset of shapes: OUT/{train,val}/*.jpg + OUT/annotations/*.json."""
+    from pipelines.synth import generate
+
+    summary = generate(out_dir, num_train, num_val, size=size, seed=seed, overwrite=overwrite)
+    for split, info in summary["splits"].items():
+        click.echo(f"{split}: {info['images']} images, {info['annotations']} boxes -> {info['image_dir']}, "
+                   f"{info['annotation_file']}")
+    click.echo(f"categories: {', '.join(summary['categories'])}")
+
+
+@data.command()
+@click.option("--images", "images_dir", required=True, type=click.Path(), help="Folder of the COCO images.")
+@click.option("--annotations", "annotations_file", required=True, type=click.Path(),
+              help="COCO instances json of those images.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Shard directory to write (shard-*.tar + index.json).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Samples per shard (default 1000 when --max-bytes is not given).")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None, help="Largest shard file size in bytes.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report (index.json) as JSON.")
+def shard(images_dir, annotations_file, out_dir, shard_size, max_bytes, overwrite, no_progress, as_json) -> None:
+    """Convert a COCO folder into WebDataset shards; bad items are counted and reported, never kept."""
+    from pipelines.shard import write_shards
+
+    report = write_shards(images_dir, annotations_file, out_dir, shard_size=shard_size, max_bytes=max_bytes,
+                          overwrite=overwrite, progress=not no_progress)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    total_bytes = sum(s["bytes"] for s in report["shards"])
+    click.echo(f"{report['num_samples']} images, {report['num_annotations']} boxes -> {len(report['shards'])} "
+               f"shards ({total_bytes / 2**20:.1f} MiB) in {report['out_dir']}")
+    click.echo(f"source sha256 {report['source']['sha256'][:16]}")
+    for title, counts in (("skipped", report["skipped"]), ("fixed", report["fixed"])):
+        for reason, count in counts.items():
+            examples = "; ".join(report["examples"].get(reason, [])[:2])
+            click.echo(f"{title} {reason}: {count}" + (f" (e.g. {examples})" if examples else ""))

@@ -1,0 +1,63 @@
+// Bilinear sampling corners shared by the CPU and CUDA kernels of sdo::ms_deform_attn.
+// Free of torch headers so that nvcc can compile the CUDA kernels without a CUDA build of torch.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define SDO_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SDO_HOST_DEVICE inline
+#endif
+
+namespace sdo {
+
+// B batch, S value tokens, H heads, D channels per head, Q queries, L levels, P points.
+struct Dims {
+  int64_t B, S, H, D, Q, L, P;
+};
+
+// The four corners of one sampling point, as grid_sample (bilinear, align_corners=False, zero
+// padding) sees them. offset[k]: the corner's token inside its level times token_stride, or -1
+// outside the level; weight[k]: its bilinear weight; lh/lw/hh/hw feed the location gradient.
+template <typename acc_t>
+struct Corners {
+  int64_t offset[4];
+  acc_t weight[4];
+  acc_t lh, lw, hh, hw;
+  bool any;  // false: the point lies outside the level and contributes nothing
+};
+
+template <typename acc_t>
+SDO_HOST_DEVICE Corners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
+                                                int64_t token_stride) {
+  Corners<acc_t> c;
+  const acc_t h_im = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
+  const acc_t w_im = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
+  c.any = h_im > acc_t(-1) && w_im > acc_t(-1) && h_im < static_cast<acc_t>(height) &&
+          w_im < static_cast<acc_t>(width);
+  if (!c.any) return c;
+  // h_im, w_im > -1 here, so truncation + a fix-up is floor (and avoids a libm call without SSE4.1).
+  int64_t h_low = static_cast<int64_t>(h_im);
+  int64_t w_low = static_cast<int64_t>(w_im);
+  h_low -= static_cast<acc_t>(h_low) > h_im;
+  w_low -= static_cast<acc_t>(w_low) > w_im;
+  const int64_t h_high = h_low + 1, w_high = w_low + 1;
+  c.lh = h_im - static_cast<acc_t>(h_low);
+  c.lw = w_im - static_cast<acc_t>(w_low);
+  c.hh = acc_t(1) - c.lh;
+  c.hw = acc_t(1) - c.lw;
+  const bool top = h_low >= 0, bottom = h_high <= height - 1;
+  const bool left = w_low >= 0, right = w_high <= width - 1;
+  c.offset[0] = top && left ? (h_low * width + w_low) * token_stride : -1;
+  c.offset[1] = top && right ? (h_low * width + w_high) * token_stride : -1;
+  c.offset[2] = bottom && left ? (h_high * width + w_low) * token_stride : -1;
+  c.offset[3] = bottom && right ? (h_high * width + w_high) * token_stride : -1;
+  c.weight[0] = c.hh * c.hw;
+  c.weight[1] = c.hh * c.lw;
+  c.weight[2] = c.lh * c.hw;
+  c.weight[3] = c.lh * c.lw;
+  return c;
+}
+
+}  // namespace sdo

@@ -1,0 +1,105 @@
+"""Load weights: official Sparse DETR / Deformable DETR checkpoints and sdo checkpoints.
+
+Both are `{'model': state_dict, ...}` files (official ones also hold the optimizer, the lr
+scheduler, the epoch and the argparse namespace of the run). Loading is strict: a file whose
+keys or shapes differ from the model's is rejected with a ValueError that lists the differences,
+and the model is left untouched.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _list(keys, limit: int = 12) -> str:
+    """'N: a.b.* (n), c.d.e, ...' grouped by the first two name components, so long lists stay readable."""
+    groups: dict[str, list] = {}
+    for key in sorted(keys):
+        groups.setdefault(".".join(key.split(".")[:2]), []).append(key)
+    shown = [members[0] if len(members) == 1 else f"{prefix}.* ({len(members)})"
+             for prefix, members in groups.items()]
+    more = f", ... {len(shown) - limit} more groups" if len(shown) > limit else ""
+    return f"{len(keys)}: {', '.join(shown[:limit])}{more}"
+
+
+def read_checkpoint(path) -> dict:
+    """Read a checkpoint file without executing arbitrary pickled code -> the loaded dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {path}")
+    try:
+        # official files pickle their argparse.Namespace of arguments next to the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint: cannot read {path}: {err}") from err
+    if not isinstance(ckpt, dict):
+        # a bad input file, reported like every other one (the CLI maps ValueError to exit 2)
+        raise ValueError(f"checkpoint: {path} holds a {type(ckpt).__name__}, not a dict")  # noqa: TRY004
+    return ckpt
+
+
+def _state_dict_of(ckpt: dict, path) -> dict:
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint: {path} has no 'model' state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from a DDP wrapper
+    return state
+
+
+def check_state_dict(model: nn.Module, state: dict, source: str) -> None:
+    """Raise ValueError naming missing / unexpected / mis-shaped keys of `state` for `model`."""
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    wrong = {k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)}
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_list(unexpected)}")
+    if wrong:
+        shapes = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in sorted(wrong)[:8]]
+        problems.append(f"wrong shapes: {', '.join(shapes)} ({len(wrong)})")
+    if problems:
+        raise ValueError(f"checkpoint: {source} does not fit the model: " + "; ".join(problems))
+
+
+def load_official(model: nn.Module, path) -> dict:
+    """Load an official `{'model': state_dict, ...}` file strictly.
+
+    -> report {'path', 'num_tensors', 'num_parameters', 'epoch' (or None)}
+    """
+    ckpt = read_checkpoint(path)
+    if "model" not in ckpt:
+        raise ValueError(f"checkpoint: {path} has no 'model' entry (keys: {_list(ckpt.keys())})")
+    state = _state_dict_of(ckpt, path)
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+    return {
+        "path": str(path),
+        "num_tensors": len(state),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "epoch": ckpt.get("epoch"),
+    }
+
+
+def load_weights(model: nn.Module, path) -> dict:
+    """Load an sdo checkpoint ({'model': state_dict, ...}), an official one, or a bare state dict.
+
+    -> the same report as load_official
+    """
+    ckpt = read_checkpoint(path)
+    state = _state_dict_of(ckpt, path)
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True)
+    return {
+        "path": str(path),
+        "num_tensors": len(state),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "epoch": ckpt.get("epoch") if "model" in ckpt else None,
+    }

@@ -1,0 +1,129 @@
+"""COCO evaluation of a model over validation shards: per-rank predictions, gathered on rank 0.
+
+Used by the training loop (every ``eval.every`` epochs, under Ray Train) and by `sdo eval`
+(one process, no Ray).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def to_device(images: torch.Tensor, mask: torch.Tensor, targets: list[dict], device: torch.device):
+    """Move a loader batch to ``device`` (target tensors too; ints such as image_id stay as they are)."""
+    moved = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), moved
+
+
+def image_id(target: dict) -> int:
+    value = target["image_id"]
+    return int(value.item() if torch.is_tensor(value) else value)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, postprocess, loader, device: torch.device, *, autocast_dtype=None,
+            max_batches: int | None = None) -> list[dict]:
+    """COCO-format predictions of this process's share of ``loader``.
+
+    -> [{'image_id', 'category_id', 'bbox' [x, y, w, h], 'score'}], boxes in original image pixels.
+    """
+    from pipelines.coco_eval import to_coco_predictions
+
+    was_training = model.training
+    model.eval()
+    predictions: list[dict] = []
+    try:
+        for index, (images, mask, targets) in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            images, mask, targets = to_device(images, mask, targets, device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                outputs = model(images, mask)
+            orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+            results = postprocess(outputs, orig_sizes)
+            results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in r.items()} for r in results]
+            predictions.extend(to_coco_predictions(results, [image_id(t) for t in targets]))
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def gather_predictions(predictions: list[dict]) -> list[dict] | None:
+    """All ranks' predictions on rank 0 (None elsewhere); the identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return predictions
+    gathered: list = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(predictions, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return [p for part in gathered for p in part]
+
+
+def broadcast(value):
+    """Rank 0's ``value`` on every rank (the identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def coco_metrics(predictions: list[dict], ground_truth: dict) -> dict[str, float]:
+    """pycocotools AP/AR of ``predictions`` against the shards' ground truth (all 0 without predictions:
+    an untrained model may score nothing at all, which is a result, not an error)."""
+    from pipelines.coco_eval import evaluate
+
+    if not predictions:
+        return {k: 0.0 for k in AP_KEYS}
+    with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints its table; stdout stays for results
+        metrics = evaluate(predictions, ground_truth)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def write_eval_json(path: Path, metrics: dict, *, epoch: int | None, num_predictions: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"epoch": epoch, "num_predictions": num_predictions, "metrics": metrics}, indent=2))
+    return path
+
+
+def evaluate_checkpoint(cfg, checkpoint: str, *, max_batches: int | None = None) -> dict[str, float]:
+    """`sdo eval`: load an sdo or official checkpoint into the configured model, COCO-evaluate it on
+    ``data.val_shards`` in this process (GPU when there is one) -> AP/AR metrics."""
+    import dataclasses
+
+    from model import build
+    from model.postprocess import PostProcess
+    from pipelines.coco_eval import ground_truth
+    from pipelines.loader import make_loader
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such checkpoint file")
+    model_cfg = dataclasses.replace(cfg.model, checkpoint=str(path))
+    model, _, _ = build(model_cfg, cfg.loss)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    d = cfg.data
+    loader = make_loader(d.val_shards, train=False, batch_size=d.batch_size, num_workers=d.num_workers,
+                         shuffle_buffer=0, max_size=d.max_size, val_scale=d.val_scale)
+    amp = torch.bfloat16 if device.type == "cuda" and cfg.train.amp == "bf16" else None
+    predictions = predict(model, PostProcess(cfg.eval.max_dets), loader, device, autocast_dtype=amp,
+                          max_batches=max_batches)
+    gt = ground_truth(d.val_shards)
+    if max_batches is not None:  # score only the images that were predicted
+        seen = {p["image_id"] for p in predictions}
+        gt = {**gt, "images": [i for i in gt["images"] if i["id"] in seen],
+              "annotations": [a for a in gt["annotations"] if a["image_id"] in seen]}
+    return coco_metrics(predictions, gt)

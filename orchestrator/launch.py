@@ -1,0 +1,247 @@
+"""Where a training runs: embedded local Ray, an existing cluster through the Ray Jobs API, or KubeRay.
+
+Only ``--cluster`` changes between them; every path ends in :func:`training.run_training` running
+next to a Ray head (here, on the cluster's head as a Ray Job, or in a RayJob's submitter pod).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from orchestrator.config import Config, ConfigError, dump_yaml, load_config
+
+CONFIG_ENV = "SDO_CONFIG_YAML"
+JOB_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class ClusterUnreachable(ValueError):
+    """The Ray cluster address does not answer (bad ``--cluster``)."""
+
+
+def default_name(config_path: str | None) -> str:
+    stem = Path(config_path).stem if config_path else "run"
+    return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_session(cfg: Config) -> Iterator[None]:
+    """Ray for this process: attach to the cluster a Ray Job runs in, or start an embedded one.
+
+    The embedded Ray binds to 127.0.0.1 and runs the dashboard, which Ray 2.60 needs to clean up
+    placement groups of finished trainers. It is shut down on exit; an attached one is left alone.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):  # inside a Ray Job: the cluster is already there
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        port = cfg.cluster.dashboard_port if _port_free(cfg.cluster.dashboard_port) else free_port()
+        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def launch(cfg: Config, *, cluster: str | None = None, name: str, resume: bool = False,
+           dry_run: bool = False, echo: Callable[[str], None] = print) -> dict | int:
+    """Run a training where ``cluster`` (default ``cfg.cluster.address``) says.
+
+    local -> the result summary dict of :func:`training.run_training`; http(s) -> 0 once the Ray
+    Job succeeded (raises otherwise); *.yaml -> the exit status of the KubeRay launcher.
+    """
+    from orchestrator.training import check_name
+
+    check_name(name)
+    address = cluster or cfg.cluster.address
+    cfg.cluster.address = address
+    if address == "local":
+        if dry_run:
+            echo(dump_yaml(cfg))
+            return 0
+        return launch_local(cfg, name=name, resume=resume, echo=echo)
+    if address.startswith(("http://", "https://")):
+        return submit_job(cfg, address=address, name=name, resume=resume, dry_run=dry_run, echo=echo)
+    if address.endswith((".yaml", ".yml")):
+        if not Path(address).is_file():
+            raise FileNotFoundError(f"--cluster {address}: no such cluster spec")
+        from orchestrator.kuberay import launch_on_kubernetes
+
+        return launch_on_kubernetes(cfg, address, name=name, command="launch", dry_run=dry_run)
+    raise ConfigError(f"--cluster {address!r}: must be 'local', an http(s):// Ray dashboard address, or a *.yaml "
+                      "KubeRay cluster spec")
+
+
+def launch_local(cfg: Config, *, name: str, resume: bool, echo: Callable[[str], None] = print) -> dict:
+    from orchestrator.training import preflight, run_training
+
+    preflight(cfg, name=name, resume=resume)  # bad input costs nothing: Ray has not started yet
+    with ray_session(cfg):
+        summary = run_training(cfg, name=name, resume=resume)
+    ap = summary["AP"]
+    echo(f"sdo: run {summary['name']} finished: AP={ap:.4f}" if ap is not None else
+         f"sdo: run {summary['name']} finished (no evaluation)")
+    echo(f"sdo: best checkpoint: {summary['best_checkpoint']}")
+    echo(f"sdo: MLflow run: {summary['run_url']}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------
+# Ray Jobs API
+# ------------------------------------------------------------------------------------------
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """Bearer token for clusters with token auth (the Ray 2.60 default) -> HTTP headers.
+
+    The token comes from RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, as
+    Ray's own clients look for it. It is sent explicitly because Ray's client adds it only when
+    RAY_AUTH_MODE=token was set before Ray was first imported in this process.
+    """
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def check_paths_for_remote(cfg: Config, address: str) -> None:
+    """A Ray Job resolves paths on the head, not here: they must be absolute (or URLs) to mean one place."""
+    for key, value in (("train.storage_path", cfg.train.storage_path), ("data.train_shards", cfg.data.train_shards),
+                       ("data.val_shards", cfg.data.val_shards), ("tracking.uri", cfg.tracking.uri)):
+        if value and "://" not in value and not value.startswith("pipe:") and not Path(value).is_absolute():
+            raise ConfigError(f"{key}={value!r}: a Ray Jobs cluster ({address}) resolves paths on its head; "
+                              "give an absolute path (on storage the head sees) or a URL")
+
+
+def check_cluster(address: str, timeout: float = 5.0) -> None:
+    """Raise ClusterUnreachable unless a Ray dashboard answers at ``address``."""
+    try:
+        with urllib.request.urlopen(address.rstrip("/") + "/api/version", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # something that speaks HTTP: the Jobs client reports auth or API problems itself
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ClusterUnreachable(f"--cluster {address}: no Ray dashboard answers there ({reason})") from None
+
+
+def job_entrypoint(name: str, resume: bool) -> str:
+    """The command the Ray Job runs on the head: the same local launch, attached to that cluster."""
+    args = ["python", "-m", "orchestrator.launch", "--name", name]
+    if resume:
+        args.append("--resume")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def submit_job(cfg: Config, *, address: str, name: str, resume: bool = False, dry_run: bool = False,
+               follow: bool = True, echo: Callable[[str], None] = print, poll_s: float = 1.0) -> int:
+    """Submit the training as a Ray Job (config shipped in the runtime env), then follow its logs."""
+    from orchestrator.tracking import check_reachable, tracking_uri
+
+    check_paths_for_remote(cfg, address)
+    runtime_env = {"env_vars": {CONFIG_ENV: dump_yaml(cfg)}}
+    entrypoint = job_entrypoint(name, resume)
+    if dry_run:
+        echo(json.dumps({"address": address, "entrypoint": entrypoint, "runtime_env": runtime_env}, indent=2))
+        return 0
+    if cfg.tracking.uri and cfg.tracking.uri.startswith(("http://", "https://")):
+        check_reachable(tracking_uri(cfg))
+    check_cluster(address)
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address, headers=ray_auth_headers())
+    job_id = _submit_with_retry(client, entrypoint, runtime_env, name)
+    echo(f"sdo: submitted Ray job {job_id} to {address}")
+    if not follow:
+        return 0
+    asyncio.run(_follow_logs(client, job_id, echo))
+    status = _wait(client, job_id, poll_s)
+    echo(f"sdo: Ray job {job_id} {status}")
+    if status != "SUCCEEDED":
+        info = client.get_job_info(job_id)
+        raise RuntimeError(f"Ray job {job_id} ended {status}: {info.message or 'see its logs above'}")
+    return 0
+
+
+def _submit_with_retry(client, entrypoint: str, runtime_env: dict, name: str, attempts: int = 30) -> str:
+    """A freshly started head answers HTTP before its job agent is up ('No available agent'): retry."""
+    submission_id = f"sdo-{name}-{int(time.time())}"
+    for attempt in range(attempts):
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(2.0)
+    raise RuntimeError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+async def _follow_logs(client, job_id: str, echo: Callable[[str], None]) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        for line in lines.rstrip("\n").splitlines():
+            echo(line)
+
+
+def _wait(client, job_id: str, poll_s: float) -> str:
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in JOB_TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+def _job_main(argv: list[str] | None = None) -> int:
+    """Entry point of a Ray Job: config from the runtime env, train on the cluster the job runs in."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.launch")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        print(f"sdo: error: {CONFIG_ENV} is not set; this entry point runs inside a Ray Job", file=sys.stderr)
+        return 2
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    cfg = load_config(f.name)
+    os.unlink(f.name)
+    launch_local(cfg, name=args.name, resume=args.resume)  # cluster.address names the head: it is this one
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_job_main())
