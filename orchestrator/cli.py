@@ -12,7 +12,6 @@ import click
 
 from orchestrator.commands import bench, data, launch, ops, sweep
 
-
 # Exceptions that mean "the user gave us something wrong" -> exit code 2.
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError)
 

@@ -13,7 +13,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -40,7 +40,7 @@ def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = da
 @dataclass
 class BackboneConfig:
     name: str = doc("resnet18 | resnet34 | resnet50 | swin_t", "resnet50")
-    weights: Optional[str] = doc("torchvision ImageNet weight file (local path) or null for random", None)
+    weights: str | None = doc("torchvision ImageNet weight file (local path) or null for random", None)
     train: bool = doc("train the backbone (stem and layer1 stay frozen as in DETR)", True)
     dilation: bool = doc("replace stride with dilation in the last stage (DC5)", False)
 
@@ -68,7 +68,7 @@ class ModelConfig:
     eff_query_init: bool = doc("initialise decoder queries from the selected encoder tokens (no pos_trans content)", False)
     eff_specific_head: bool = doc("separate detection heads for the two-stage proposals", False)
     im2col_step: int = doc("batch chunk of the deformable-attention op", 64)
-    checkpoint: Optional[str] = doc("weights to start from: an sdo checkpoint or an official {'model': ...} file", None)
+    checkpoint: str | None = doc("weights to start from: an sdo checkpoint or an official {'model': ...} file", None)
 
 
 @dataclass
@@ -113,11 +113,11 @@ class TrainConfig:
     amp: str = doc("mixed precision on GPU: bf16 | fp16 | none", "bf16")
     seed: int = doc("random seed", 42)
     log_every: int = doc("report training metrics every N steps", 10)
-    max_steps_per_epoch: Optional[int] = doc("cap on steps per epoch (null = full epoch from the index)", None)
+    max_steps_per_epoch: int | None = doc("cap on steps per epoch (null = full epoch from the index)", None)
     max_failures: int = doc("worker-group restarts from the latest checkpoint before giving up", 3)
     keep_checkpoints: int = doc("checkpoints kept by Ray Train (best by AP and latest are always kept)", 2)
     storage_path: str = doc("where runs, checkpoints and the embedded MLflow store live", "runs")
-    crash_at_step: Optional[int] = doc("fault-injection hook for tests: worker rank 1 exits once at this global step", None)
+    crash_at_step: int | None = doc("fault-injection hook for tests: worker rank 1 exits once at this global step", None)
 
 
 @dataclass
@@ -129,16 +129,16 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: Optional[str] = doc("MLflow tracking URI; null = sqlite store under <storage_path>/mlflow", None)
+    uri: str | None = doc("MLflow tracking URI; null = sqlite store under <storage_path>/mlflow", None)
     experiment: str = doc("MLflow experiment name", "sdo")
     log_checkpoints: bool = doc("log final and best checkpoints as MLflow artifacts", True)
-    parent_run_id: Optional[str] = doc("MLflow run to nest this run under (set by `sdo sweep` for its trials)", None)
+    parent_run_id: str | None = doc("MLflow run to nest this run under (set by `sdo sweep` for its trials)", None)
 
 
 @dataclass
 class ClusterConfig:
     address: str = doc("local | http(s)://HEAD:8265 (Ray Jobs) | path to a KubeRay cluster spec (*.yaml)", "local")
-    num_cpus: Optional[int] = doc("CPUs of the embedded local Ray (null = all)", None)
+    num_cpus: int | None = doc("CPUs of the embedded local Ray (null = all)", None)
     dashboard_port: int = doc("port of the embedded Ray dashboard (bound to 127.0.0.1)", 8265)
     backoff_limit: int = doc("RayJob backoffLimit: whole-job retries on Kubernetes", 0)
     ttl_seconds_after_finished: int = doc("RayJob ttlSecondsAfterFinished", 600)
@@ -153,7 +153,7 @@ class SweepConfig:
     search: str = doc("random | optuna (optuna must be installed)", "random")
     metric: str = doc("metric the scheduler optimises", "AP")
     mode: str = doc("max | min", "max")
-    max_epochs: Optional[int] = doc("epoch budget per trial (null = train.epochs)", None)
+    max_epochs: int | None = doc("epoch budget per trial (null = train.epochs)", None)
     grace_period: int = doc("ASHA: epochs before a trial can be stopped", 1)
     reduction_factor: int = doc("ASHA: keep 1/reduction_factor of the trials at each rung", 2)
 
@@ -318,7 +318,7 @@ def get_value(cfg: Config, key: str) -> Any:
     return obj
 
 
-def load_config(path: Optional[str | Path] = None, overrides: typing.Iterable[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
     """YAML file (optional) + ``key=value`` overrides -> validated Config."""
     cfg = Config()
     if path is not None:

@@ -57,7 +57,7 @@ def test_lr_scaling_follows_the_official_square_root_rule(tmp_path):
     assert autocast_dtype(cfg, torch.device("cpu")) is None  # CPU always trains in fp32
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_optimizer_groups_and_step_lr(setup):
     model, _, optimizer, scheduler = _build(setup[0], ["train.lr_drop=2", "train.scale_lr=false"])
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
