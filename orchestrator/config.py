@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,7 @@ def _hints(cls) -> dict:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Coerce a YAML value to a field's declared type, or raise naming the key."""
     origin = typing.get_origin(hint)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None

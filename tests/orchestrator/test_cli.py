@@ -31,7 +31,7 @@ def test_console_script_reports_unknown_override_with_exit_2():
     """The issue's acceptance check, through the installed console script."""
     sdo = Path(sys.executable).with_name("sdo")
     proc = subprocess.run([str(sdo), "launch", "--config", "configs/demo.yaml", "--set", "train.epochz=1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert "train.epochz" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
