@@ -156,22 +156,27 @@ def check_cluster(address: str, timeout: float = 5.0) -> None:
         raise ClusterUnreachable(f"--cluster {address}: no Ray dashboard answers there ({reason})") from None
 
 
-def job_entrypoint(name: str, resume: bool) -> str:
-    """The command the Ray Job runs on the head: the same local launch, attached to that cluster."""
-    args = ["python", "-m", "orchestrator.launch", "--name", name]
+def job_entrypoint(name: str, resume: bool, module: str = "orchestrator.launch") -> str:
+    """The command the Ray Job runs on the head: the same local run (``module``), attached to that cluster."""
+    args = ["python", "-m", module, "--name", name]
     if resume:
         args.append("--resume")
     return " ".join(shlex.quote(a) for a in args)
 
 
 def submit_job(cfg: Config, *, address: str, name: str, resume: bool = False, dry_run: bool = False,
-               follow: bool = True, echo: Callable[[str], None] = print, poll_s: float = 1.0) -> int:
-    """Submit the training as a Ray Job (config shipped in the runtime env), then follow its logs."""
+               follow: bool = True, echo: Callable[[str], None] = print, poll_s: float = 1.0,
+               module: str = "orchestrator.launch") -> int:
+    """Submit a run as a Ray Job (config shipped in the runtime env), then follow its logs.
+
+    ``module`` is the job's entry point on the head: ``orchestrator.launch`` (training) or
+    ``orchestrator.sweep`` (a whole sweep); both read the config with :func:`config_from_env`.
+    """
     from orchestrator.tracking import check_reachable, tracking_uri
 
     check_paths_for_remote(cfg, address)
     runtime_env = {"env_vars": {CONFIG_ENV: dump_yaml(cfg)}}
-    entrypoint = job_entrypoint(name, resume)
+    entrypoint = job_entrypoint(name, resume, module)
     if dry_run:
         echo(json.dumps({"address": address, "entrypoint": entrypoint, "runtime_env": runtime_env}, indent=2))
         return 0
@@ -221,24 +226,38 @@ def _wait(client, job_id: str, poll_s: float) -> str:
         time.sleep(poll_s)
 
 
-def _job_main(argv: list[str] | None = None) -> int:
-    """Entry point of a Ray Job: config from the runtime env, train on the cluster the job runs in."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.launch")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args(argv)
-    text = os.environ.get(CONFIG_ENV)
-    if not text:
-        print(f"sdo: error: {CONFIG_ENV} is not set; this entry point runs inside a Ray Job", file=sys.stderr)
-        return 2
+def config_from_env() -> Config:
+    """Inside a Ray Job: the config that :func:`submit_job` shipped in the runtime env."""
     import tempfile
 
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        raise ConfigError(f"{CONFIG_ENV} is not set; this entry point runs inside a Ray Job")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)
-    cfg = load_config(f.name)
-    os.unlink(f.name)
+    try:
+        return load_config(f.name)
+    finally:
+        os.unlink(f.name)
+
+
+def job_arguments(prog: str, argv: list[str] | None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--resume", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _job_main(argv: list[str] | None = None) -> int:
+    """Entry point of a Ray Job: config from the runtime env, train on the cluster the job runs in."""
+    args = job_arguments("python -m orchestrator.launch", argv)
+    try:
+        cfg = config_from_env()
+    except ConfigError as err:
+        print(f"sdo: error: {err}", file=sys.stderr)
+        return 2
     launch_local(cfg, name=args.name, resume=args.resume)  # cluster.address names the head: it is this one
     return 0
 

@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,6 @@ from orchestrator.config import (
     dump_yaml,
     from_dict,
     get_value,
-    load_config,
     to_dict,
 )
 from orchestrator.sweep_report import (
@@ -407,41 +405,14 @@ def run_sweep(cfg: Config, *, name: str, resume: bool = False, trainable: Callab
 # --------------------------------------------------------------------------------------------
 
 
-def job_entrypoint(name: str, resume: bool) -> str:
-    """The command a Ray Job runs on the head: this sweep, on the cluster the job runs in."""
-    import shlex
-
-    return shlex.join(["python", "-m", "orchestrator.sweep", "--name", name, *(["--resume"] if resume else [])])
-
-
 def submit_sweep_job(cfg: Config, *, address: str, name: str, resume: bool = False, dry_run: bool = False,
                      echo: Callable[[str], None] = print, poll_s: float = 1.0) -> int:
-    """Run the sweep as a Ray Job on ``address`` (config shipped in the runtime env), following its logs."""
-    import asyncio
-
+    """Run the whole sweep as a Ray Job on ``address`` (config shipped in the runtime env), following its logs."""
     from orchestrator import launch
 
     job_cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, address="local"))
-    runtime_env = {"env_vars": {launch.CONFIG_ENV: dump_yaml(job_cfg)}}
-    entrypoint = job_entrypoint(name, resume)
-    if dry_run:
-        echo(json.dumps({"address": address, "entrypoint": entrypoint, "runtime_env": runtime_env}, indent=2))
-        return 0
-    if cfg.tracking.uri and cfg.tracking.uri.startswith(("http://", "https://")):
-        tracking.check_reachable(tracking.tracking_uri(cfg))
-    launch.check_cluster(address)
-    launch._use_token_auth()
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    job_id = launch._submit_with_retry(client, entrypoint, runtime_env, name)
-    echo(f"sdo: submitted Ray job {job_id} (sweep {name}) to {address}")
-    asyncio.run(launch._follow_logs(client, job_id, echo))
-    status = launch._wait(client, job_id, poll_s)
-    echo(f"sdo: Ray job {job_id} {status}")
-    if status != "SUCCEEDED":
-        raise RuntimeError(f"Ray job {job_id} ended {status}: {client.get_job_info(job_id).message or 'see its logs'}")
-    return 0
+    return launch.submit_job(job_cfg, address=address, name=name, resume=resume, dry_run=dry_run, echo=echo,
+                             poll_s=poll_s, module="orchestrator.sweep")
 
 
 def sweep(cfg: Config, *, name: str, cluster: str | None = None, resume: bool = False, dry_run: bool = False,
@@ -481,25 +452,14 @@ def sweep(cfg: Config, *, name: str, cluster: str | None = None, resume: bool = 
 
 def _job_main(argv: list[str] | None = None) -> int:
     """Entry point of a Ray Job: config from the runtime env, sweep on the cluster the job runs in."""
-    import argparse
-    import tempfile
+    from orchestrator.launch import config_from_env, job_arguments
 
-    from orchestrator.launch import CONFIG_ENV
-
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args(argv)
-    text = os.environ.get(CONFIG_ENV)
-    if not text:
-        print(f"sdo: error: {CONFIG_ENV} is not set; this entry point runs inside a Ray Job", file=sys.stderr)
-        return 2
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(text)
+    args = job_arguments("python -m orchestrator.sweep", argv)
     try:
-        cfg = load_config(f.name)
-    finally:
-        os.unlink(f.name)
+        cfg = config_from_env()
+    except ConfigError as err:
+        print(f"sdo: error: {err}", file=sys.stderr)
+        return 2
     summary = run_sweep(cfg, name=args.name, resume=args.resume)
     return 130 if summary["interrupted"] else 1 if summary["failed"] else 0
 

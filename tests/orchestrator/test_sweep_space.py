@@ -162,13 +162,22 @@ def test_kuberay_dry_run_renders_a_rayjob_running_sdo_sweep():
 def test_ray_jobs_dry_run_ships_the_config_and_the_sweep_entrypoint():
     import json
 
+    remote = ["--set", "train.storage_path=/mnt/sdo/runs", "--set", "data.train_shards=/mnt/sdo/shards/train",
+              "--set", "data.val_shards=/mnt/sdo/shards/val"]
     result = CliRunner().invoke(main, ["sweep", "--config", str(CONFIGS / "sweep_demo.yaml"), "--cluster",
-                                       "http://127.0.0.1:8265", "--name", "d1", "--resume", "--dry-run"])
+                                       "http://127.0.0.1:8265", "--name", "d1", "--resume", "--dry-run", *remote])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["entrypoint"] == "python -m orchestrator.sweep --name d1 --resume"
     shipped = yaml.safe_load(plan["runtime_env"]["env_vars"]["SDO_CONFIG_YAML"])
     assert shipped["cluster"]["address"] == "local" and shipped["sweep"]["max_epochs"] == 4
+    assert shipped["train"]["storage_path"] == "/mnt/sdo/runs"
+
+
+def test_ray_jobs_sweep_refuses_relative_paths_the_head_cannot_resolve():
+    result = CliRunner().invoke(main, ["sweep", "--config", str(CONFIGS / "sweep_demo.yaml"), "--cluster",
+                                       "http://127.0.0.1:8265", "--name", "d1", "--dry-run"])
+    assert result.exit_code == 2 and "train.storage_path" in result.output
 
 
 def test_invalid_space_is_reported_before_any_cluster_is_contacted():
