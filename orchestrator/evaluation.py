@@ -5,10 +5,8 @@ Used by the training loop (every ``eval.every`` epochs, under Ray Train) and by 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -85,9 +83,7 @@ def coco_metrics(predictions: list[dict], ground_truth: dict) -> dict[str, float
 
     if not predictions:
         return {k: 0.0 for k in AP_KEYS}
-    with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints its table; stdout stays for results
-        metrics = evaluate(predictions, ground_truth)
-    return {k: float(v) for k, v in metrics.items()}
+    return {k: float(v) for k, v in evaluate(predictions, ground_truth).items()}
 
 
 def write_eval_json(path: Path, metrics: dict, *, epoch: int | None, num_predictions: int) -> Path:

@@ -1,6 +1,7 @@
 """COCO box evaluation with pycocotools, over predictions gathered from any number of ranks."""
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import io
@@ -99,10 +100,30 @@ def merge_predictions(predictions) -> list[dict]:
     return merged
 
 
+@contextlib.contextmanager
+def _pycocotools_prints(buffer: io.StringIO):
+    """Capture what pycocotools prints into ``buffer``.
+
+    pycocotools reports through print(). Hosts such as Ray Train replace builtins.print with a
+    logger call, which a stdout redirect alone does not catch, so print itself is routed too.
+    """
+    saved = builtins.print
+
+    def to_buffer(*objects, sep=" ", end="\n", file=None, flush=False):
+        buffer.write(sep.join(map(str, objects)) + end)
+
+    builtins.print = to_buffer
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield buffer
+    finally:
+        builtins.print = saved
+
+
 def _coco_from_dict(dataset: dict) -> COCO:
     coco = COCO()
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _pycocotools_prints(io.StringIO()):
         coco.createIndex()
     return coco
 
@@ -130,8 +151,7 @@ def evaluate(predictions, gt) -> dict:
     coco_dt = _coco_from_dict({"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
                                "annotations": detections})
     evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with _pycocotools_prints(io.StringIO()) as printed:
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
