@@ -77,15 +77,7 @@ def load_official(model: nn.Module, path) -> dict:
     ckpt = read_checkpoint(path)
     if "model" not in ckpt:
         raise ValueError(f"checkpoint: {path} has no 'model' entry (keys: {_list(ckpt.keys())})")
-    state = _state_dict_of(ckpt, path)
-    check_state_dict(model, state, str(path))
-    model.load_state_dict(state, strict=True)
-    return {
-        "path": str(path),
-        "num_tensors": len(state),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "epoch": ckpt.get("epoch"),
-    }
+    return _load_strict(model, ckpt, path)
 
 
 def load_weights(model: nn.Module, path) -> dict:
@@ -93,7 +85,11 @@ def load_weights(model: nn.Module, path) -> dict:
 
     -> the same report as load_official
     """
-    ckpt = read_checkpoint(path)
+    return _load_strict(model, read_checkpoint(path), path)
+
+
+def _load_strict(model: nn.Module, ckpt: dict, path) -> dict:
+    """Checked, strict load of a read checkpoint -> the report of load_official / load_weights."""
     state = _state_dict_of(ckpt, path)
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)

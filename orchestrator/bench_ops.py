@@ -227,7 +227,7 @@ def run(*, quick: bool = False, repeat: int | None = None, memory: bool = True, 
     """Benchmarks every case on CPU (and on CUDA when a GPU and the CUDA kernels are there)."""
     if not msda.native_available("cpu"):
         raise RuntimeError("the native op is not built: run `pip install -e .` or `sdo ops build` first")
-    repeat = repeat if repeat is not None else (1 if quick else 3)
+    repeat = repeat if repeat is not None else (1 if quick else 7)
     if repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {repeat}")
     cases = sparse_detr_cases(QUICK_IMAGE if quick else FULL_IMAGE)

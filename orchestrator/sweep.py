@@ -197,18 +197,11 @@ def open_parent_run(cfg: Config, axes: list[Axis], *, name: str, directory: Path
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
     state_file = directory / STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else None
-    if directory.exists() and not resume:
-        raise SweepExistsError(f"sweep {name!r} already exists in {directory.parent}; pass --resume to continue it "
-                               "or choose another --name")
-    if resume and state is None:
-        raise FileNotFoundError(f"--resume: no sweep named {name!r} in {directory.parent}")
+    state = tracking.claim_directory(directory, what="sweep", name=name, uri=uri, resume=resume,
+                                     state=json.loads(state_file.read_text()) if state_file.is_file() else None,
+                                     exists_error=SweepExistsError)
     if state is not None:
-        if state["tracking_uri"] != uri:
-            raise ConfigError(f"--resume: sweep {name!r} was tracked at {state['tracking_uri']}, not {uri}")
-        tracking.set_status(uri, state["mlflow_run_id"], "RUNNING")
         return state
-    directory.mkdir(parents=True, exist_ok=False)
     parent_cfg = copy.deepcopy(cfg)
     parent_cfg.tracking.parent_run_id = None
     exp_id, run_id = tracking.create_run(parent_cfg, name=name)

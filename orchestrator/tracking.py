@@ -224,3 +224,27 @@ def start_ui(storage: Path, port: int = UI_PORT, host: str = "127.0.0.1", **pope
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", artifacts,
            "--host", host, "--port", str(port), "--workers", "1"]
     return subprocess.Popen(cmd, **popen_kwargs)
+
+
+def claim_directory(directory, *, what: str, name: str, uri: str, resume: bool, state: dict | None,
+                    exists_error: type[Exception]) -> dict | None:
+    """Claim the directory of a new run or sweep, or take up the one being resumed.
+
+    New (``resume`` false): the directory must not exist; it is created and None is returned.
+    Resume: its saved ``state`` must exist and name the same tracking URI; its MLflow run is marked
+    RUNNING again and ``state`` is returned.
+    """
+    from orchestrator.config import ConfigError
+
+    if directory.exists() and not resume:
+        raise exists_error(f"{what} {name!r} already exists in {directory.parent}; pass --resume to continue it "
+                           "or choose another --name")
+    if resume and state is None:
+        raise FileNotFoundError(f"--resume: no {what} named {name!r} in {directory.parent}")
+    if state is not None:
+        if state["tracking_uri"] != uri:
+            raise ConfigError(f"--resume: {what} {name!r} was tracked at {state['tracking_uri']}, not {uri}")
+        set_status(uri, state["mlflow_run_id"], "RUNNING")
+        return state
+    directory.mkdir(parents=True, exist_ok=False)
+    return None

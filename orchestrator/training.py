@@ -96,18 +96,10 @@ def open_run(cfg: Config, *, name: str, resume: bool = False, parent_run_id: str
     directory = run_dir(cfg, name)
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
-    state = checkpoints.read_run_state(directory)
-    if directory.exists() and not resume:
-        raise RunExistsError(f"run {name!r} already exists in {directory.parent}; pass --resume to continue it "
-                             "or choose another --name")
-    if resume and state is None:
-        raise FileNotFoundError(f"--resume: no run named {name!r} in {directory.parent}")
+    state = tracking.claim_directory(directory, what="run", name=name, uri=uri, resume=resume,
+                                     state=checkpoints.read_run_state(directory), exists_error=RunExistsError)
     if state is not None:
-        if state["tracking_uri"] != uri:
-            raise ConfigError(f"--resume: run {name!r} was tracked at {state['tracking_uri']}, not {uri}")
-        tracking.set_status(uri, state["mlflow_run_id"], "RUNNING")
         return state
-    directory.mkdir(parents=True, exist_ok=False)
     exp_id, run_id = tracking.create_run(cfg, name=name)
     state = {"name": name, "run_dir": str(directory), "tracking_uri": uri, "experiment_id": exp_id,
              "mlflow_run_id": run_id, "run_url": tracking.run_url(uri, exp_id, run_id)}

@@ -93,7 +93,7 @@ def flops_command(height: int, width: int, names: str, backbone: str, out: str |
 
 @bench.command("ops")
 @click.option("--quick", is_flag=True, help="Small shapes, one repeat: checks the harness, not the speed.")
-@click.option("--repeat", type=click.IntRange(min=1), default=None, help="Timed runs per measurement (median; default 3).")
+@click.option("--repeat", type=click.IntRange(min=1), default=None, help="Timed runs per measurement (median; default 7: a 2-core machine is noisy).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory probes (one child process per run).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Also write the JSON here.")
 def ops_bench(quick: bool, repeat, no_memory: bool, out) -> None:
