@@ -1,5 +1,4 @@
 """`sdo sweep`: Ray Tune over rho and the loss weights."""
-from pathlib import Path
 
 import click
 
@@ -11,7 +10,7 @@ from orchestrator.config import load_config
               help="Sweep YAML: a training config (usually `base: ...`) with a `sweep:` section.")
 @click.option("--cluster", default=None, help="local | http(s)://HEAD:8265 (Ray Jobs) | KubeRay spec *.yaml")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
-@click.option("--name", default=None, help="Sweep name (default: the config file's name); results in "
+@click.option("--name", default=None, help="Sweep name (default: the config file's name + UTC time); results in "
               "<train.storage_path>/sweeps/<name>.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted sweep of that name (finished trials are kept).")
 @click.option("--dry-run", is_flag=True, help="Check the config and space and print what would run; start nothing.")
@@ -25,10 +24,13 @@ def sweep(config_path: str, cluster: str, overrides: tuple, name: str, resume: b
     Exit status: 0 all trials ended (completed or stopped early), 1 some trial failed,
     130 interrupted (continue with --resume), 2 bad config or search space.
     """
+    from orchestrator.launch import default_name
     from orchestrator.sweep import sweep as run
 
+    if resume and not name:
+        raise click.UsageError("--resume needs the --name of the sweep to continue")
     cfg = load_config(config_path, overrides)
-    result = run(cfg, name=name or Path(config_path).stem, cluster=cluster, resume=resume, dry_run=dry_run,
+    result = run(cfg, name=name or default_name(config_path), cluster=cluster, resume=resume, dry_run=dry_run,
                  echo=click.echo)
     if isinstance(result, dict):
         if result["interrupted"]:

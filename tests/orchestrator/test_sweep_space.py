@@ -188,5 +188,10 @@ def test_invalid_space_is_reported_before_any_cluster_is_contacted():
 
 def test_resume_on_a_kuberay_spec_is_refused():
     result = CliRunner().invoke(main, ["sweep", "--config", str(CONFIGS / "sweep_demo.yaml"), "--cluster", str(K8S_SPEC),
-                                       "--resume", "--dry-run"])
+                                       "--name", "rho-sweep", "--resume", "--dry-run"])
     assert result.exit_code == 2 and "--resume with --cluster" in result.output
+
+
+def test_resume_needs_the_sweep_name():
+    result = CliRunner().invoke(main, ["sweep", "--config", str(CONFIGS / "sweep_demo.yaml"), "--resume"])
+    assert result.exit_code == 2 and "--resume needs the --name" in result.output
