@@ -96,8 +96,10 @@ def train_step(model, criterion, optimizer, scaler, batch, device: torch.device,
     loss_dict = criterion(outputs, targets)
     weighted = {k: v * criterion.weight_dict[k] for k, v in loss_dict.items() if k in criterion.weight_dict}
     loss = sum(weighted.values())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()}: { {k: float(v) for k, v in loss_dict.items()} }")
+    # one device->host copy for the whole report (the matcher already syncs once per step)
+    values = dict(zip(["loss", *weighted], torch.stack([loss, *weighted.values()]).detach().float().tolist()))
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"loss is {values['loss']}: {values}")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_max_norm > 0:
@@ -105,7 +107,7 @@ def train_step(model, criterion, optimizer, scaler, batch, device: torch.device,
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
     scaler.step(optimizer)
     scaler.update()
-    return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in weighted.items()}}
+    return values
 
 
 class Trainer:
