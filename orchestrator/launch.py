@@ -241,23 +241,24 @@ def config_from_env() -> Config:
         os.unlink(f.name)
 
 
-def job_arguments(prog: str, argv: list[str] | None):
+def job_setup(prog: str, argv: list[str] | None):
+    """A Ray Job entry point's ``--name N [--resume]`` and the shipped config; exit 2 if it is missing or bad."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--name", required=True)
     parser.add_argument("--resume", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        return config_from_env(), args
+    except ConfigError as err:
+        print(f"sdo: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _job_main(argv: list[str] | None = None) -> int:
     """Entry point of a Ray Job: config from the runtime env, train on the cluster the job runs in."""
-    args = job_arguments("python -m orchestrator.launch", argv)
-    try:
-        cfg = config_from_env()
-    except ConfigError as err:
-        print(f"sdo: error: {err}", file=sys.stderr)
-        return 2
+    cfg, args = job_setup("python -m orchestrator.launch", argv)
     launch_local(cfg, name=args.name, resume=args.resume)  # cluster.address names the head: it is this one
     return 0
 

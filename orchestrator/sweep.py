@@ -445,14 +445,9 @@ def sweep(cfg: Config, *, name: str, cluster: str | None = None, resume: bool = 
 
 def _job_main(argv: list[str] | None = None) -> int:
     """Entry point of a Ray Job: config from the runtime env, sweep on the cluster the job runs in."""
-    from orchestrator.launch import config_from_env, job_arguments
+    from orchestrator.launch import job_setup
 
-    args = job_arguments("python -m orchestrator.sweep", argv)
-    try:
-        cfg = config_from_env()
-    except ConfigError as err:
-        print(f"sdo: error: {err}", file=sys.stderr)
-        return 2
+    cfg, args = job_setup("python -m orchestrator.sweep", argv)
     summary = run_sweep(cfg, name=args.name, resume=args.resume)
     return 130 if summary["interrupted"] else 1 if summary["failed"] else 0
 

@@ -1,25 +1,16 @@
 """Loading official-format and sdo checkpoints: strict, reported, and harmless when refused."""
 import argparse
-import types
 
 import pytest
 import torch
+from tiny_model import model_cfg as tiny_model_cfg
 
 from model.build import build_model
 from model.checkpoint import load_official, load_weights
 
 
 def model_cfg(**overrides):
-    fields = {
-        "backbone": types.SimpleNamespace(name="resnet18", weights=None, train=True, dilation=False),
-        "num_classes": 5, "hidden_dim": 32, "nheads": 4, "enc_layers": 2, "dec_layers": 2,
-        "dim_feedforward": 64, "dropout": 0.0, "num_feature_levels": 4, "enc_n_points": 2, "dec_n_points": 2,
-        "num_queries": 8, "position_embedding_scale": 6.283185307179586, "im2col_step": 64, "checkpoint": None,
-        "two_stage": True, "with_box_refine": True, "aux_loss": True, "rho": 0.2, "use_enc_aux_loss": True,
-        "eff_query_init": True, "eff_specific_head": True,
-    }
-    fields.update(overrides)
-    return types.SimpleNamespace(**fields)
+    return tiny_model_cfg(**{"num_queries": 8, "rho": 0.2, **overrides})
 
 
 def official_file(model, path, epoch=49):

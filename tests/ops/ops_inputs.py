@@ -35,3 +35,13 @@ def make_inputs(*, batch=2, n_heads=2, head_dim=4, shapes=((4, 6), (2, 3)), len_
         for index in (0, 3, 4):
             tensors[index].requires_grad_(True)
     return tensors
+
+
+def forward_and_grads(fn, inputs, grad_output):
+    """Run ``fn`` (an ms_deform_attn implementation) on fresh leaves of ``inputs`` and backprop ``grad_output``
+    -> (output, [grad_value, grad_sampling_loc, grad_attn_weight])."""
+    value, shapes, starts, loc, attn = inputs
+    leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
+    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2], 64)
+    out.backward(grad_output)
+    return out.detach(), [leaf.grad for leaf in leaves]

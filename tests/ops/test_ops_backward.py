@@ -1,7 +1,7 @@
 """Backward of the native op: gradcheck in float64 and equality with the reference's autograd."""
 import pytest
 import torch
-from ops_inputs import make_inputs
+from ops_inputs import forward_and_grads, make_inputs
 
 from model.ms_deform_attn import ms_deform_attn_reference
 
@@ -26,22 +26,14 @@ def test_gradcheck_float64_padded(native_op):
     assert torch.autograd.gradcheck(op, (value, loc, attn), eps=1e-6, atol=1e-7)
 
 
-def _grads(fn, inputs, grad_output):
-    value, shapes, starts, loc, attn = inputs
-    leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
-    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2], 64)
-    out.backward(grad_output)
-    return out.detach(), [leaf.grad for leaf in leaves]
-
-
 @pytest.mark.parametrize("heads_dim", [(8, 32), (3, 5)])
 def test_backward_matches_reference_float32(native_op, heads_dim):
     n_heads, head_dim = heads_dim
     inputs = make_inputs(batch=2, n_heads=n_heads, head_dim=head_dim, shapes=((10, 13), (5, 7), (3, 4), (1, 2)),
                          len_q=40, n_points=4, spread=0.1, padded=True, dtype=torch.float32, seed=head_dim)
     grad_output = torch.randn(2, 40, n_heads * head_dim, generator=torch.Generator().manual_seed(0))
-    out_native, grads_native = _grads(native_op, inputs, grad_output)
-    out_ref, grads_ref = _grads(ms_deform_attn_reference, inputs, grad_output)
+    out_native, grads_native = forward_and_grads(native_op, inputs, grad_output)
+    out_ref, grads_ref = forward_and_grads(ms_deform_attn_reference, inputs, grad_output)
     assert (out_native - out_ref).abs().max() <= 1e-5
     for name, native, reference in zip(("value", "sampling_loc", "attn_weight"), grads_native, grads_ref):
         scale = reference.abs().max().clamp_min(1.0)
@@ -54,8 +46,8 @@ def test_backward_bfloat16_close_to_float32(native_op):
     grad_output = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1))
     inputs_bf16 = (value.bfloat16(), shapes, starts, loc, attn)
     inputs_f32 = (value.bfloat16().float(), shapes, starts, loc, attn)
-    _, grads_bf16 = _grads(native_op, inputs_bf16, grad_output.bfloat16())
-    _, grads_f32 = _grads(ms_deform_attn_reference, inputs_f32, grad_output.bfloat16().float())
+    _, grads_bf16 = forward_and_grads(native_op, inputs_bf16, grad_output.bfloat16())
+    _, grads_f32 = forward_and_grads(ms_deform_attn_reference, inputs_f32, grad_output.bfloat16().float())
     assert grads_bf16[0].dtype == torch.bfloat16 and grads_bf16[1].dtype == torch.float32
     for name, low, full in zip(("value", "sampling_loc", "attn_weight"), grads_bf16, grads_f32):
         scale = full.abs().max()
@@ -79,9 +71,9 @@ def test_backward_with_channel_blocks_matches_reference(native_op):
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        _, grads_native = _grads(native_op, inputs, grad_output)
+        _, grads_native = forward_and_grads(native_op, inputs, grad_output)
     finally:
         torch.set_num_threads(threads)
-    _, grads_ref = _grads(ms_deform_attn_reference, inputs, grad_output)
+    _, grads_ref = forward_and_grads(ms_deform_attn_reference, inputs, grad_output)
     for name, native, reference in zip(("value", "sampling_loc", "attn_weight"), grads_native, grads_ref):
         assert (native - reference).abs().max() / reference.abs().max() <= 2e-5, name

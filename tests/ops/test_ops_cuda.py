@@ -1,7 +1,7 @@
 """CUDA kernels against the reference (run only where a GPU and the CUDA build are present)."""
 import pytest
 import torch
-from ops_inputs import make_inputs
+from ops_inputs import forward_and_grads, make_inputs
 
 from model.ms_deform_attn import ms_deform_attn_reference, native_available
 
@@ -14,14 +14,6 @@ def cuda_op(native_op):
     return native_op
 
 
-def _grads(fn, inputs, grad_output):
-    value, shapes, starts, loc, attn = inputs
-    leaves = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
-    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2], 64)
-    out.backward(grad_output)
-    return out.detach(), [leaf.grad for leaf in leaves]
-
-
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_cuda_forward_backward_match_reference(cuda_op, dtype, tolerance):
     inputs = make_inputs(batch=2, n_heads=8, head_dim=32, shapes=((20, 27), (10, 14), (5, 7), (3, 4)), len_q=50,
@@ -30,8 +22,8 @@ def test_cuda_forward_backward_match_reference(cuda_op, dtype, tolerance):
     low = [value.to(dtype), shapes, starts, loc, attn]
     reference_inputs = [value.to(dtype).float(), shapes, starts, loc, attn]
     grad_output = torch.randn(2, 50, 256, device="cuda").to(dtype)
-    out, grads = _grads(cuda_op, low, grad_output)
-    out_ref, grads_ref = _grads(ms_deform_attn_reference, reference_inputs, grad_output.float())
+    out, grads = forward_and_grads(cuda_op, low, grad_output)
+    out_ref, grads_ref = forward_and_grads(ms_deform_attn_reference, reference_inputs, grad_output.float())
     assert out.dtype == dtype
     assert (out.float() - out_ref).abs().max() <= tolerance * max(1.0, out_ref.abs().max().item())
     for name, got, want in zip(("value", "sampling_loc", "attn_weight"), grads, grads_ref):
@@ -42,8 +34,8 @@ def test_cuda_matches_cpu_native(cuda_op):
     inputs = make_inputs(batch=2, n_heads=4, head_dim=40, shapes=((9, 13), (5, 7), (1, 1)), len_q=33, n_points=3,
                          spread=0.3, dtype=torch.float32, seed=4)
     grad_output = torch.randn(2, 33, 160)
-    out_cpu, grads_cpu = _grads(cuda_op, inputs, grad_output)
-    out_gpu, grads_gpu = _grads(cuda_op, [t.cuda() for t in inputs], grad_output.cuda())
+    out_cpu, grads_cpu = forward_and_grads(cuda_op, inputs, grad_output)
+    out_gpu, grads_gpu = forward_and_grads(cuda_op, [t.cuda() for t in inputs], grad_output.cuda())
     assert torch.allclose(out_gpu.cpu(), out_cpu, atol=1e-5)
     for got, want in zip(grads_gpu, grads_cpu):
         assert torch.allclose(got.cpu(), want, atol=1e-4, rtol=1e-4)
