@@ -85,19 +85,29 @@ def launch(cfg: Config, *, cluster: str | None = None, name: str, resume: bool =
     check_name(name)
     address = cluster or cfg.cluster.address
     cfg.cluster.address = address
-    if address == "local":
+    kind = cluster_kind(address)
+    if kind == "local":
         if dry_run:
             echo(dump_yaml(cfg))
             return 0
         return launch_local(cfg, name=name, resume=resume, echo=echo)
-    if address.startswith(("http://", "https://")):
+    if kind == "ray-jobs":
         return submit_job(cfg, address=address, name=name, resume=resume, dry_run=dry_run, echo=echo)
+    from orchestrator.kuberay import launch_on_kubernetes
+
+    return launch_on_kubernetes(cfg, address, name=name, command="launch", dry_run=dry_run)
+
+
+def cluster_kind(address: str) -> str:
+    """``--cluster`` -> 'local' | 'ray-jobs' (http(s)://HEAD:8265) | 'kubernetes' (an existing *.yaml spec)."""
+    if address == "local":
+        return "local"
+    if address.startswith(("http://", "https://")):
+        return "ray-jobs"
     if address.endswith((".yaml", ".yml")):
         if not Path(address).is_file():
             raise FileNotFoundError(f"--cluster {address}: no such cluster spec")
-        from orchestrator.kuberay import launch_on_kubernetes
-
-        return launch_on_kubernetes(cfg, address, name=name, command="launch", dry_run=dry_run)
+        return "kubernetes"
     raise ConfigError(f"--cluster {address!r}: must be 'local', an http(s):// Ray dashboard address, or a *.yaml "
                       "KubeRay cluster spec")
 

@@ -415,32 +415,29 @@ def sweep(cfg: Config, *, name: str, cluster: str | None = None, resume: bool = 
     local -> :func:`run_sweep`'s summary; http(s) -> 0 once the Ray Job succeeded; *.yaml -> the
     KubeRay launcher's exit status. The search space is checked first in every case.
     """
+    from orchestrator.launch import cluster_kind
     from orchestrator.training import check_name
 
     check_name(name)
     address = cluster or cfg.cluster.address
     cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, address=address))
     axes = parse_space(cfg)
-    if address == "local":
+    kind = cluster_kind(address)
+    if kind == "local":
         if dry_run:
             echo(dump_yaml(cfg))
             echo(json.dumps({"trials": num_trials(cfg, axes), "epochs_per_trial": budget(cfg),
                              "space": describe(axes)}, indent=2))
             return 0
         return run_sweep(cfg, name=name, resume=resume, echo=echo)
-    if address.startswith(("http://", "https://")):
+    if kind == "ray-jobs":
         return submit_sweep_job(cfg, address=address, name=name, resume=resume, dry_run=dry_run, echo=echo)
-    if address.endswith((".yaml", ".yml")):
-        if not Path(address).is_file():
-            raise FileNotFoundError(f"--cluster {address}: no such cluster spec")
-        if resume:
-            raise ConfigError(f"--resume with --cluster {address}: a RayJob always starts its sweep afresh; "
-                              "resume on the cluster with --cluster http(s)://HEAD:8265 instead")
-        from orchestrator.kuberay import launch_on_kubernetes
+    if resume:
+        raise ConfigError(f"--resume with --cluster {address}: a RayJob always starts its sweep afresh; "
+                          "resume on the cluster with --cluster http(s)://HEAD:8265 instead")
+    from orchestrator.kuberay import launch_on_kubernetes
 
-        return launch_on_kubernetes(cfg, address, name=name, command="sweep", dry_run=dry_run)
-    raise ConfigError(f"--cluster {address!r}: must be 'local', an http(s):// Ray dashboard address, or a *.yaml "
-                      "KubeRay cluster spec")
+    return launch_on_kubernetes(cfg, address, name=name, command="sweep", dry_run=dry_run)
 
 
 def _job_main(argv: list[str] | None = None) -> int:
