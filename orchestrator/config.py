@@ -145,6 +145,19 @@ class ClusterConfig:
     ttl_seconds_after_finished: int = doc("RayJob ttlSecondsAfterFinished", 600)
 
 
+
+def cluster_kind(address: str) -> str:
+    """``cluster.address`` / ``--cluster`` -> 'local' | 'ray-jobs' (http(s)://HEAD:8265) | 'kubernetes' (a *.yaml
+    KubeRay cluster spec). The one classifier: launchers dispatch on it and runs are tagged with it."""
+    if address == "local":
+        return "local"
+    if address.startswith(("http://", "https://")):
+        return "ray-jobs"
+    if address.endswith((".yaml", ".yml")):
+        return "kubernetes"
+    raise ConfigError(f"--cluster {address!r}: must be 'local', an http(s):// Ray dashboard address, or a *.yaml "
+                      "KubeRay cluster spec")
+
 @dataclass
 class SweepConfig:
     space: dict = doc("search space: {config.key: {grid|choice: [...]} | {uniform|loguniform|randint: [lo, hi]}}", default_factory=dict)

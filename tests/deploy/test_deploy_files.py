@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from orchestrator.k8s_schema import model_schema
+from orchestrator.cluster.kuberay.schema import model_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -1,0 +1,271 @@
+"""`sdo bench ops`: the native ms_deform_attn op against the pure-PyTorch reference, side by side.
+
+Shapes are Sparse DETR's (B=2, d_model=256, 8 heads, 4 levels, 4 points) on an 800x1216 image:
+the encoder with every token as query (dense, rho=0), the sparse encoder at rho=0.1 (int(0.1*S)+1
+queries) and the decoder (300 queries). Times are medians over `repeat` runs after a warm-up.
+
+Peak memory (CPU) is measured in a fresh child process per implementation (so one cannot reuse
+memory the other freed): per case, inputs are allocated, the kernel's high-water mark is reset
+(/proc/self/clear_refs = 5), one forward + backward runs, and the peak is VmHWM minus the RSS
+before the call. glibc is told to mmap every
+block over 128 KiB (MALLOC_MMAP_THRESHOLD_), so freed tensors leave RSS and the peak is that of live
+memory. On CUDA the peak is torch.cuda.max_memory_allocated() above the allocation before the call.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from model import ms_deform_attn as msda
+
+STRIDES = (8, 16, 32, 64)
+FULL_IMAGE = (800, 1216)
+QUICK_IMAGE = (128, 192)
+FORWARD_BACKWARD_GOAL = 3.0
+MMAP_THRESHOLD = 128 * 1024
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    n_heads: int
+    head_dim: int
+    n_points: int
+    spatial_shapes: tuple
+    len_q: int
+    queries_on_tokens: bool = True  # encoder: queries are tokens; decoder: anywhere in the image
+
+    @property
+    def len_in(self) -> int:
+        return sum(h * w for h, w in self.spatial_shapes)
+
+
+def level_shapes(height: int, width: int) -> tuple:
+    """(H_l, W_l) of the 4 levels: ResNet C3-C5 (strides 8, 16, 32) + one stride-2 conv (64).
+    Every stride-2 layer of the backbone rounds up, hence repeated ceil-halving."""
+    shapes, h, w = [], height, width
+    for stride in (2, 4, 8, 16, 32, 64):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        if stride in STRIDES:
+            shapes.append((h, w))
+    return tuple(shapes)
+
+
+def sparse_detr_cases(image=FULL_IMAGE, batch=2, d_model=256, n_heads=8, n_points=4, rho=0.1,
+                      decoder_queries=300) -> list[Case]:
+    shapes = level_shapes(*image)
+    tokens = sum(h * w for h, w in shapes)
+    head_dim = d_model // n_heads
+    return [Case("encoder_dense", batch, n_heads, head_dim, n_points, shapes, tokens),
+            Case(f"encoder_rho{rho}", batch, n_heads, head_dim, n_points, shapes, int(tokens * rho) + 1),
+            Case("decoder", batch, n_heads, head_dim, n_points, shapes, decoder_queries, queries_on_tokens=False)]
+
+
+def make_inputs(case: Case, device: str = "cpu", dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    """value [B, S, H, D], spatial_shapes [L, 2], level_start_index [L], sampling_loc [B, Q, H, L, P, 2],
+    attn_weight [B, Q, H, L, P].
+
+    Locations follow MSDeformAttn's initialisation: around each query's reference point (a token
+    centre for encoder queries, in the dense case in token order; uniform for decoder queries),
+    head h looks in its own direction, point p at p+1 pixels of every level, plus one pixel of noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_levels = len(case.spatial_shapes)
+    shapes = torch.tensor(case.spatial_shapes, dtype=torch.long)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    value = torch.randn(case.batch, case.len_in, case.n_heads, case.head_dim, generator=g)
+    if case.queries_on_tokens:
+        centres = torch.cat([torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h,
+                                                        indexing="xy"), -1).reshape(-1, 2)
+                             for h, w in case.spatial_shapes])
+        chosen = torch.arange(case.len_in) if case.len_q >= case.len_in else \
+            torch.randperm(case.len_in, generator=g)[:case.len_q]
+        reference = centres[chosen].expand(case.batch, -1, -1)
+    else:
+        reference = torch.rand(case.batch, case.len_q, 2, generator=g)
+    angles = 2 * math.pi * torch.arange(case.n_heads) / case.n_heads
+    directions = torch.stack([angles.cos(), angles.sin()], -1)
+    directions = directions / directions.abs().max(-1, keepdim=True).values
+    pixels = directions[:, None, :] * (torch.arange(case.n_points) + 1.0)[None, :, None]  # [H, P, 2]
+    pixels = pixels[None, None, :, None] + torch.randn(case.batch, case.len_q, case.n_heads, n_levels,
+                                                       case.n_points, 2, generator=g)
+    level_wh = shapes.flip(-1).float()[None, None, None, :, None, :]  # (W_l, H_l)
+    loc = reference[:, :, None, None, None, :] + pixels / level_wh
+    attn = torch.randn(case.batch, case.len_q, case.n_heads, n_levels * case.n_points, generator=g).softmax(-1)
+    attn = attn.view(case.batch, case.len_q, case.n_heads, n_levels, case.n_points)
+    return [value.to(device, dtype), shapes.to(device), starts.to(device), loc.to(device, dtype),
+            attn.to(device, dtype)]
+
+
+def implementations() -> dict:
+    return {"native": torch.ops.sdo.ms_deform_attn, "reference": msda.ms_deform_attn_reference}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _forward_backward(fn, inputs, grad_output):
+    value, shapes, starts, loc, attn = inputs
+    leaves = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
+    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2], 64)
+    out.backward(grad_output)
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def _median_seconds(call, repeat: int, device: str) -> float:
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        started = time.perf_counter()
+        call()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _max_diffs(native, reference) -> dict:
+    """Largest differences, absolute and relative to the reference's largest magnitude, and the
+    fraction of elements off by more than 1e-4 of it. Isolated grad_sampling_loc mismatches are
+    points within float rounding of a pixel edge, where bilinear sampling has a kink and the two
+    implementations take different (equally valid) one-sided derivatives."""
+    (out_n, grads_n), (out_r, grads_r) = native, reference
+    diffs = {}
+    for name, a, b in zip(("output", "grad_value", "grad_sampling_loc", "grad_attn_weight"),
+                          [out_n, *grads_n], [out_r, *grads_r]):
+        diff = (a.float() - b.float()).abs()
+        scale = max(b.float().abs().max().item(), 1e-30)
+        diffs[name] = {"max_abs": diff.max().item(), "max_rel": diff.max().item() / scale,
+                       "mismatch_fraction": (diff > 1e-4 * scale).float().mean().item()}
+    return diffs
+
+
+def _peak_memory_mib(cases: list[Case], impl: str) -> list[float]:
+    """CPU peak memory of one forward + backward per case, in a fresh child process per implementation."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    request = json.dumps({"cases": [asdict(case) for case in cases], "impl": impl,
+                          "threads": torch.get_num_threads()})
+    proc = subprocess.run([sys.executable, "-c", "from orchestrator.bench.ops import _probe_main; _probe_main()",
+                           request], check=False, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe of {impl} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def _cuda_peak_memory_mib(case: Case, impl: str) -> float:
+    inputs = make_inputs(case, "cuda")
+    grad_output = torch.randn(case.batch, case.len_q, case.n_heads * case.head_dim, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _forward_backward(implementations()[impl], inputs, grad_output)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _probe_main() -> None:
+    """Child process: peak RSS growth of one forward + backward per case (see the module doc)."""
+    request = json.loads(sys.argv[1])
+    torch.set_num_threads(request["threads"])
+    fn = implementations()[request["impl"]]
+    tiny = Case("warmup", 1, 2, 8, 2, ((4, 6), (2, 3)), 3)  # one-time initialisation outside the measurement
+    _forward_backward(fn, make_inputs(tiny), torch.ones(1, 3, 16))
+    peaks = []
+    for fields in request["cases"]:
+        case = Case(**{**fields, "spatial_shapes": tuple(map(tuple, fields["spatial_shapes"]))})
+        inputs = make_inputs(case)
+        grad_output = torch.randn(case.batch, case.len_q, case.n_heads * case.head_dim)
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        before = _status_kib("VmRSS")
+        _forward_backward(fn, inputs, grad_output)
+        peaks.append((_status_kib("VmHWM") - before) / 1024)
+        del inputs, grad_output
+    print(json.dumps({"peak_mib": peaks}))
+
+
+def bench_case(case: Case, device: str, repeat: int) -> dict:
+    inputs = make_inputs(case, device)
+    grad_output = torch.randn(case.batch, case.len_q, case.n_heads * case.head_dim,
+                              generator=torch.Generator().manual_seed(1)).to(device)
+    result = {**asdict(case), "len_in": case.len_in, "d_model": case.n_heads * case.head_dim}
+    last = {}
+    for impl, fn in implementations().items():
+        with torch.no_grad():
+            forward = _median_seconds(lambda fn=fn: fn(*inputs, 64), repeat, device)
+        last[impl] = _forward_backward(fn, inputs, grad_output)  # also the warm-up of the timing below
+        both = _median_seconds(lambda fn=fn: _forward_backward(fn, inputs, grad_output), repeat, device)
+        result[impl] = {"forward_ms": round(forward * 1e3, 3), "forward_backward_ms": round(both * 1e3, 3)}
+    native, reference = result["native"], result["reference"]
+    result["speedup"] = {"forward": round(reference["forward_ms"] / native["forward_ms"], 2),
+                         "forward_backward": round(reference["forward_backward_ms"] / native["forward_backward_ms"], 2)}
+    result["native_vs_reference"] = _max_diffs(last["native"], last["reference"])
+    return result
+
+
+def run(*, quick: bool = False, repeat: int | None = None, memory: bool = True, cuda: bool | None = None,
+        progress: bool = True) -> dict:
+    """Benchmarks every case on CPU (and on CUDA when a GPU and the CUDA kernels are there)."""
+    if not msda.native_available("cpu"):
+        raise RuntimeError("the native op is not built: run `pip install -e .` or `sdo ops build` first")
+    repeat = repeat if repeat is not None else (1 if quick else 7)
+    if repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {repeat}")
+    cases = sparse_detr_cases(QUICK_IMAGE if quick else FULL_IMAGE)
+    devices = ["cpu"]
+    want_cuda = torch.cuda.is_available() and msda.native_available("cuda") if cuda is None else cuda
+    if want_cuda:
+        if not (torch.cuda.is_available() and msda.native_available("cuda")):
+            raise ValueError("--cuda: no GPU or the op was built without CUDA kernels")
+        devices.append("cuda")
+    report = {"benchmark": "ops", "op": "sdo::ms_deform_attn", "dtype": "float32", "quick": quick, "repeat": repeat,
+              "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "native_source": msda.native_source(),
+              "image": list(QUICK_IMAGE if quick else FULL_IMAGE),
+              "memory_method": ("cpu: one fresh process per implementation; per case VmHWM - VmRSS around one "
+                                "forward+backward "
+                                f"(peak reset via /proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}); "
+                                "cuda: torch.cuda.max_memory_allocated() growth") if memory else None}
+    from tqdm import tqdm
+
+    for device in devices:
+        if device == "cuda":
+            report["gpu"] = torch.cuda.get_device_name()
+        warmup = Case("warmup", 1, 8, 32, 4, ((6, 8), (3, 4), (2, 2), (1, 1)), 5)
+        for fn in implementations().values():
+            _forward_backward(fn, make_inputs(warmup, device), torch.ones(1, 5, 256, device=device))
+        results = [bench_case(case, device, repeat)
+                   for case in tqdm(cases, desc=f"bench ops ({device})", disable=not progress, file=sys.stderr)]
+        if memory:
+            for impl in implementations():
+                peaks = (_peak_memory_mib(cases, impl) if device == "cpu"
+                         else [_cuda_peak_memory_mib(case, impl) for case in cases])
+                for result, peak in zip(results, peaks):
+                    result[impl]["peak_mem_mib"] = round(peak, 2)
+            for result in results:
+                result["memory_ratio_native_over_reference"] = round(
+                    result["native"]["peak_mem_mib"] / result["reference"]["peak_mem_mib"], 3)
+        report[device] = results
+    speedups = [r["speedup"]["forward_backward"] for r in report["cpu"]]
+    report["goal"] = {"cpu_forward_backward_speedup_at_least": FORWARD_BACKWARD_GOAL,
+                      "min_cpu_forward_backward_speedup": min(speedups),
+                      "met": min(speedups) >= FORWARD_BACKWARD_GOAL}
+    return report

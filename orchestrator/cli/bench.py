@@ -1,0 +1,137 @@
+"""`sdo bench ...`: benchmarks that print JSON (ops, data, train, flops)."""
+import click
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks; each prints one JSON document (and writes it with --out)."""
+
+
+@bench.command("data")
+@click.option("--images", default=192, show_default=True, type=click.IntRange(min=8), help="synthetic images")
+@click.option("--image-size", default=640, show_default=True, type=click.IntRange(min=32), help="longer side (px)")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="loader worker processes")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="interleaved runs (median)")
+@click.option("--modes", default="decode,train", show_default=True, help="comma-separated: decode, train")
+@click.option("--storage", default="local,http", show_default=True,
+              help="comma-separated: local (files on disk), http (served from 127.0.0.1, one GET per file/shard)")
+@click.option("--quick", is_flag=True, help="tiny run (16 small images, 1 repeat) to check the pipeline")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
+def data_command(images, image_size, batch_size, workers, repeats, modes, storage, quick, out) -> None:
+    """Images/s: WebDataset shard loader vs folder + pycocotools loader vs bare JPEG decode."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.bench import data as bench_data
+
+    def choices(option: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+        picked = tuple(m.strip() for m in text.split(",") if m.strip())
+        if not picked or any(m not in allowed for m in picked):
+            raise ValueError(f"{option}: expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        return picked
+
+    mode_list = choices("--modes", modes, bench_data.MODES)
+    storage_list = choices("--storage", storage, bench_data.STORAGES)
+    kwargs = {}
+    if quick:
+        images, image_size, repeats, workers = 16, 96, 1, 1
+        kwargs = {"scales": (64, 80), "max_size": 128}
+    report = bench_data.run(images=images, image_size=image_size, batch_size=batch_size, workers=workers,
+                            repeats=repeats, modes=mode_list, storages=storage_list, **kwargs)
+    report["config"]["quick"] = quick
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
+@bench.command("flops")
+@click.option("--height", default=850, show_default=True, help="image height (the official benchmark uses 850)")
+@click.option("--width", default=1040, show_default=True, help="image width (the official benchmark uses 1040)")
+@click.option("--configs", "names", default="deformable_topk_bbr,sparse_rho0.1,sparse_rho0.2,sparse_rho0.3,sparse_rho0.5",
+              show_default=True, help="comma-separated: deformable_topk_bbr and/or sparse_rho<R>")
+@click.option("--backbone", default="resnet50", show_default=True, help="backbone of every config")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
+def flops_command(height: int, width: int, names: str, backbone: str, out: str | None) -> None:
+    """GFLOPs of one forward pass (fvcore convention, as the paper), compared with the official counter."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from model.build import build_model
+    from model.flops import (
+        OFFICIAL_GFLOPS_850x1040,
+        count_flops,
+        official_model_settings,
+    )
+    from orchestrator.config import BackboneConfig, ModelConfig
+
+    configs = [n.strip() for n in names.split(",") if n.strip()]
+    if not configs:
+        raise ValueError("--configs: name at least one config")
+    settings = {name: official_model_settings(name) for name in configs}  # validate all names first
+    torch.manual_seed(0)
+    report = {"height": height, "width": width, "backbone": backbone, "configs": {}}
+    for name in tqdm(configs, desc="flops", unit="config"):
+        model_cfg = ModelConfig(backbone=BackboneConfig(name=backbone, weights=None), **settings[name])
+        counted = count_flops(build_model(model_cfg), height, width)
+        entry = {"gflops": round(counted["total_gflops"], 2),
+                 "by_operator": {op: round(g, 3) for op, g in sorted(counted["by_operator"].items())}}
+        reference = OFFICIAL_GFLOPS_850x1040.get(name)
+        if reference is not None and (height, width) == (850, 1040) and backbone == "resnet50":
+            entry["official_gflops"] = reference
+            entry["ratio"] = round(counted["total_gflops"] / reference, 4)
+        report["configs"][name] = entry
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
+@bench.command("ops")
+@click.option("--quick", is_flag=True, help="Small shapes, one repeat: checks the harness, not the speed.")
+@click.option("--repeat", type=click.IntRange(min=1), default=None, help="Timed runs per measurement (median; default 7: a 2-core machine is noisy).")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory probes (one child process per run).")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Also write the JSON here.")
+def ops_bench(quick: bool, repeat, no_memory: bool, out) -> None:
+    """Native ms_deform_attn vs the pure-PyTorch reference at Sparse DETR's shapes (time, peak memory)."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.bench import ops as bench_ops
+
+    text = json.dumps(bench_ops.run(quick=quick, repeat=repeat, memory=not no_memory), indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    click.echo(text)
+
+
+@bench.command("train")
+@click.option("--config", "config_path", default="configs/demo.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Model/loss config to benchmark.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=2), help="processes of ddp / ray")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="timed steps per mode")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="untimed steps first")
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="interleaved rounds of all modes")
+@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="images per process")
+@click.option("--image-size", default=128, show_default=True, type=click.IntRange(min=32),
+              help="synthetic image side (px); also caps the train scales")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
+def train_command(config_path, overrides, workers, steps, warmup, repeats, batch_size, image_size, out) -> None:
+    """Seconds per step: Ray Train loop vs bare single process vs torch DDP (gloo), same model and data."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.bench import train as bench_train
+
+    scales = [f"data.train_scales=[{image_size}]", f"data.max_size={image_size}"]
+    report = bench_train.run(config_path=config_path, overrides=(*scales, *overrides), workers=workers, steps=steps,
+                             warmup=warmup, batch_size=batch_size, image_size=image_size, repeats=repeats)
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -1,0 +1,75 @@
+"""`sdo launch`, `sdo eval`, `sdo ui`: train, evaluate, browse runs."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from orchestrator.config import load_config
+
+
+@click.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--cluster", default=None,
+              help="local (embedded Ray) | http(s)://HEAD:8265 (Ray Jobs API) | KubeRay spec *.yaml "
+                   "[default: cluster.address of the config]")
+@click.option("--name", default=None, help="Run name: <storage_path>/<name> and the MLflow run name "
+                                           "[default: <config stem>-<UTC time>].")
+@click.option("--resume", is_flag=True, help="Continue the stopped run --name from its latest checkpoint.")
+@click.option("--dry-run", is_flag=True, help="Print what would be run or submitted, run nothing.")
+def launch(config_path: str, overrides: tuple, cluster: str | None, name: str | None, resume: bool,
+           dry_run: bool) -> None:
+    """Train Sparse DETR on Ray Train (embedded locally, a Ray cluster, or Kubernetes)."""
+    from orchestrator.cluster.launch import launch as run_launch
+    from orchestrator.run.directory import default_name
+
+    cfg = load_config(config_path, overrides)
+    if resume and not name:
+        raise click.UsageError("--resume needs the --name of the run to continue")
+    result = run_launch(cfg, cluster=cluster, name=name or default_name(config_path), resume=resume,
+                        dry_run=dry_run, echo=click.echo)
+    if isinstance(result, int) and result != 0:
+        raise SystemExit(result)
+
+
+@click.command("eval")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Experiment YAML.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=True),
+              help="sdo checkpoint (directory or checkpoint.pt) or an official {'model': ...} file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--max-batches", type=int, default=None, help="Evaluate only the first N validation batches.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics JSON here.")
+def eval_cmd(config_path: str, checkpoint: str, overrides: tuple, max_batches: int | None, out: str | None) -> None:
+    """COCO-evaluate a checkpoint (sdo or official) on the validation shards."""
+    from orchestrator.train.evaluation import evaluate_checkpoint
+
+    cfg = load_config(config_path, overrides)
+    metrics = evaluate_checkpoint(cfg, checkpoint, max_batches=max_batches)
+    text = json.dumps(metrics, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    click.echo(text)
+
+
+@click.command()
+@click.option("--storage", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="train.storage_path whose embedded MLflow store to show.")
+@click.option("--port", default=5000, show_default=True, type=int, help="Port on 127.0.0.1.")
+def ui(storage: str, port: int) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the embedded store."""
+    from orchestrator.run.tracking import start_ui
+
+    process = start_ui(Path(storage), port=port)
+    click.echo(f"sdo: MLflow UI at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    try:
+        while process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=10)
+        return
+    if process.returncode:
+        raise RuntimeError(f"mlflow ui exited with status {process.returncode}")

@@ -1,0 +1,42 @@
+"""`sdo sweep`: Ray Tune over rho and the loss weights."""
+
+import click
+
+from orchestrator.config import load_config
+
+
+@click.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Sweep YAML: a training config (usually `base: ...`) with a `sweep:` section.")
+@click.option("--cluster", default=None, help="local | http(s)://HEAD:8265 (Ray Jobs) | KubeRay spec *.yaml")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--name", default=None, help="Sweep name (default: the config file's name + UTC time); results in "
+              "<train.storage_path>/sweeps/<name>.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted sweep of that name (finished trials are kept).")
+@click.option("--dry-run", is_flag=True, help="Check the config and space and print what would run; start nothing.")
+def sweep(config_path: str, cluster: str, overrides: tuple, name: str, resume: bool, dry_run: bool) -> None:
+    """Sweep rho and loss weights with Ray Tune (ASHA), tracked in MLflow.
+
+    Every trial is a full `sdo launch` training (a Ray Train TorchTrainer) nested as an MLflow child
+    run of the sweep's parent run. At the end a table of trials and the Pareto front of AP vs GFLOPs
+    are printed and logged to the parent run.
+
+    Exit status: 0 all trials ended (completed or stopped early), 1 some trial failed,
+    130 interrupted (continue with --resume), 2 bad config or search space.
+    """
+    from orchestrator.run.directory import default_name
+    from orchestrator.sweep.driver import sweep as run
+
+    if resume and not name:
+        raise click.UsageError("--resume needs the --name of the sweep to continue")
+    cfg = load_config(config_path, overrides)
+    result = run(cfg, name=name or default_name(config_path), cluster=cluster, resume=resume, dry_run=dry_run,
+                 echo=click.echo)
+    if isinstance(result, dict):
+        if result["interrupted"]:
+            raise SystemExit(130)
+        if result["failed"]:
+            raise SystemExit(1)
+        return
+    if result:
+        raise SystemExit(result)

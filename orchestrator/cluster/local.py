@@ -1,0 +1,67 @@
+"""The embedded default: Ray on this machine, bound to 127.0.0.1, and a run trained next to it.
+
+A Ray Job's entry point (orchestrator.cluster.jobs) runs the same :func:`launch_local`, attached to
+the cluster it runs in.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterator
+
+from orchestrator.config import Config
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_session(cfg: Config) -> Iterator[None]:
+    """Ray for this process: attach to the cluster a Ray Job runs in, or start an embedded one.
+
+    The embedded Ray binds to 127.0.0.1 and runs the dashboard, which Ray 2.60 needs to clean up
+    placement groups of finished trainers. It is shut down on exit; an attached one is left alone.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):  # inside a Ray Job: the cluster is already there
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        port = cfg.cluster.dashboard_port if _port_free(cfg.cluster.dashboard_port) else free_port()
+        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def launch_local(cfg: Config, *, name: str, resume: bool, echo: Callable[[str], None] = print) -> dict:
+    from orchestrator.run.preflight import preflight
+    from orchestrator.train.driver import run_training
+
+    preflight(cfg, name=name, resume=resume)  # bad input costs nothing: Ray has not started yet
+    with ray_session(cfg):
+        summary = run_training(cfg, name=name, resume=resume)
+    ap = summary["AP"]
+    echo(f"sdo: run {summary['name']} finished: AP={ap:.4f}" if ap is not None else
+         f"sdo: run {summary['name']} finished (no evaluation)")
+    echo(f"sdo: best checkpoint: {summary['best_checkpoint']}")
+    echo(f"sdo: MLflow run: {summary['run_url']}")
+    return summary

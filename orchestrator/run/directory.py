@@ -1,0 +1,78 @@
+"""A run's name and directory, and ``sdo_run.json``: the run's identity that a restart or ``--resume`` finds.
+
+A run lives in ``<storage_path>/<name>``. Only this module writes ``sdo_run.json``; everything else
+reads it through :func:`read_run_state`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from orchestrator.config import Config
+
+RUN_STATE_FILE = "sdo_run.json"
+CRASH_MARKER = ".crash_injected"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RunExistsError(FileExistsError):
+    """A run of that name exists and ``resume`` was not asked for."""
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise ValueError(f"run name {name!r}: use letters, digits, '.', '_' or '-' (at most 128, no leading symbol)")
+    return name
+
+
+def default_name(config_path: str | None) -> str:
+    """``<config stem>-<UTC time>``: the name of a run or sweep started without ``--name``."""
+    stem = Path(config_path).stem if config_path else "run"
+    return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_root(cfg: Config) -> Path:
+    """Absolute directory that holds runs, checkpoints and the embedded MLflow store."""
+    return Path(cfg.train.storage_path).expanduser().resolve()
+
+
+def run_dir(cfg: Config, name: str) -> Path:
+    return storage_root(cfg) / check_name(name)
+
+
+def write_json_atomic(path: Path, value: dict) -> None:
+    """Write JSON so that a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_run_state(run_dir: Path) -> dict | None:
+    """The run's MLflow identity ({'tracking_uri', 'experiment_id', 'mlflow_run_id', ...}) or None."""
+    file = Path(run_dir) / RUN_STATE_FILE
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text())
+
+
+def write_run_state(run_dir: Path, state: dict) -> None:
+    write_json_atomic(Path(run_dir) / RUN_STATE_FILE, state)
+
+
+def claim_crash(run_dir: Path) -> bool:
+    """True exactly once per run directory: the fault-injection hook fires a single time.
+
+    ``O_EXCL`` makes the claim atomic, and the marker survives the worker-group restart.
+    """
+    try:
+        fd = os.open(Path(run_dir) / CRASH_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True

@@ -1,0 +1,59 @@
+"""Every check of a run that needs no Ray, and the resolved config the workers and MLflow see.
+
+Cheap, so launchers call it before starting Ray: bad input costs nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from orchestrator.config import Config, ConfigError, validate
+from orchestrator.run import tracking
+from orchestrator.run.directory import RunExistsError, read_run_state, run_dir
+
+
+def _absolute_source(value: str) -> str:
+    """Shard sources that are local paths become absolute: Ray workers do not share the driver's cwd."""
+    if "://" in value or value.startswith("pipe:"):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def resolve(cfg: Config, storage_path: str | None = None) -> Config:
+    """A copy of ``cfg`` with absolute storage and data paths (what the workers and MLflow see)."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), data=dataclasses.replace(cfg.data),
+                              tracking=dataclasses.replace(cfg.tracking))
+    cfg.train.storage_path = str(Path(storage_path or cfg.train.storage_path).expanduser().resolve())
+    cfg.data.train_shards = _absolute_source(cfg.data.train_shards)
+    cfg.data.val_shards = _absolute_source(cfg.data.val_shards)
+    validate(cfg)
+    return cfg
+
+
+def _check_shards(cfg: Config) -> None:
+    """Fail before starting Ray when local shard directories are missing."""
+    for key in ("train_shards", "val_shards"):
+        source = getattr(cfg.data, key)
+        if "://" in source or source.startswith("pipe:") or "{" in source:
+            continue
+        path = Path(source)
+        if not (path / "index.json").is_file() and not (path.is_file() and path.suffix == ".json"):
+            raise ConfigError(f"data.{key}={source!r}: no shard index (index.json) there; "
+                              "write shards with `sdo data shard` first")
+
+
+def preflight(cfg: Config, *, name: str, resume: bool = False, storage_path: str | None = None) -> Config:
+    """Every check that needs no Ray (name, run existence, tracking store, shards) -> the resolved config.
+
+    It writes nothing but the embedded store's directory.
+    """
+    cfg = resolve(cfg, storage_path)
+    directory = run_dir(cfg, name)
+    if resume and read_run_state(directory) is None:
+        raise FileNotFoundError(f"--resume: no run named {name!r} in {cfg.train.storage_path}")
+    if directory.exists() and not resume:
+        raise RunExistsError(f"run {name!r} already exists in {directory.parent}; pass --resume to continue it "
+                             "or choose another --name")
+    tracking.check_reachable(tracking.tracking_uri(cfg))
+    _check_shards(cfg)
+    return cfg

@@ -1,0 +1,114 @@
+"""The driver side of one Ray Train run: config -> TorchTrainer -> fit -> best checkpoint, plots, status.
+
+A run lives in ``<storage_path>/<name>`` (orchestrator.run): Ray Train's checkpoints, ``sdo_run.json``
+(the MLflow run id, so a restart or ``--resume`` continues the same run), eval json and plots. The
+MLflow run is opened by the driver before any worker starts; workers only attach to it.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from orchestrator.config import Config, to_dict
+from orchestrator.run import tracking
+from orchestrator.run.lifecycle import open_run, run_info
+from orchestrator.run.preflight import preflight, resolve
+from orchestrator.train.evaluation import AP_KEYS
+from orchestrator.train.worker import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def make_trainer(cfg: Config, *, name: str, storage_path: str | None = None, extra_callbacks: Iterable = (),
+                 mlflow_parent_run_id: str | None = None, resume: bool = False) -> TorchTrainer:
+    """A TorchTrainer for ``cfg`` whose MLflow run already exists (created here, or found with ``resume``).
+
+    Ray Train restores from ``<storage_path>/<name>`` by itself when that run has checkpoints, so
+    a resumed trainer starts from the latest one. The run info is in ``<run dir>/sdo_run.json``.
+    """
+    cfg = preflight(cfg, name=name, resume=resume, storage_path=storage_path)
+    run = open_run(cfg, name=name, resume=resume, parent_run_id=mlflow_parent_run_id)
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "run": run},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=cfg.train.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                                         checkpoint_score_attribute="AP",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=list(extra_callbacks),
+        ),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+    )
+
+
+def finalize(cfg: Config, run: dict, result) -> dict:
+    """After fit: keep the best checkpoint as ``<run dir>/best``, log it and the plots, close the run."""
+    from orchestrator.train import plots
+
+    uri, logger = run["tracking_uri"], tracking.RunLogger(run["tracking_uri"], run["mlflow_run_id"])
+    directory = Path(run["run_dir"])
+    best = result.get_best_checkpoint("AP", "max") if result.best_checkpoints else None
+    best_path = None
+    if best is not None:
+        best_path = directory / "best"
+        if best_path.exists():
+            shutil.rmtree(best_path)
+        shutil.copytree(best.path, best_path)
+        if cfg.tracking.log_checkpoints:
+            logger.artifact(best_path, "checkpoints/best")
+    history = logger.history(sorted(set(logger.metric_keys())))
+    if history:
+        plots.loss_curves(history, directory / "plots" / "loss_curves.png")
+        plots.ap_per_epoch(history, history.get("epoch", []), directory / "plots" / "ap_per_epoch.png")
+        logger.artifact(directory / "plots" / "loss_curves.png", "plots")
+        logger.artifact(directory / "plots" / "ap_per_epoch.png", "plots")
+    tracking.set_status(uri, run["mlflow_run_id"], "FINISHED")
+    metrics = dict(result.metrics or {})
+    return {
+        "name": run["name"],
+        "run_dir": str(directory),
+        "metrics": metrics,
+        "AP": metrics.get("AP"),
+        "eval": {k: metrics[k] for k in AP_KEYS if k in metrics},
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "best_checkpoint": str(best_path) if best_path else None,
+        "mlflow_run_id": run["mlflow_run_id"],
+        "experiment_id": run["experiment_id"],
+        "tracking_uri": uri,
+        "run_url": run["run_url"],
+    }
+
+
+def run_training(cfg: Config, *, name: str, resume: bool = False, storage_path: str | None = None,
+                 extra_callbacks: Iterable = (), mlflow_parent_run_id: str | None = None) -> dict:
+    """Train to the end (restarting from checkpoints on worker failures) -> result summary.
+
+    Ray must be initialised (see ``orchestrator.cluster.local.ray_session``). The summary holds 'AP',
+    'metrics' (last report), 'checkpoint', 'best_checkpoint', 'mlflow_run_id', 'run_url'. The MLflow
+    run is marked FINISHED after the best checkpoint and the plots are logged, FAILED on an error.
+    """
+    trainer = make_trainer(cfg, name=name, storage_path=storage_path, extra_callbacks=extra_callbacks, resume=resume,
+                           mlflow_parent_run_id=mlflow_parent_run_id)
+    resolved = resolve(cfg, storage_path)
+    run = run_info(cfg, name, storage_path)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.set_status(run["tracking_uri"], run["mlflow_run_id"], "FAILED")
+        raise
+    if result.error is not None:
+        tracking.set_status(run["tracking_uri"], run["mlflow_run_id"], "FAILED")
+        raise RuntimeError(f"training run {name!r} failed: {result.error}")
+    return finalize(resolved, run, result)

@@ -1,0 +1,246 @@
+"""The Ray Train worker function: one process per worker, DDP over gloo (CPU) or nccl (GPU).
+
+Every worker builds the model, reads its share of the shards, trains, and takes part in evaluation;
+rank 0 alone writes checkpoints and talks to MLflow. A restarted worker group finds the latest
+checkpoint through ``ray.train.get_checkpoint()`` and continues from the epoch after it, logging
+into the same MLflow run (its id travels in ``config['run']``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from orchestrator.config import Config, from_dict, to_dict
+from orchestrator.run import checkpoints
+from orchestrator.run.directory import claim_crash
+from orchestrator.train import evaluation
+from orchestrator.train.step import (
+    all_reduce_mean,
+    all_reduce_sum,
+    autocast_dtype,
+    make_optimizer,
+    train_step,
+)
+
+log = logging.getLogger(__name__)
+
+AP_KEYS = evaluation.AP_KEYS
+
+
+class Trainer:
+    """State of one worker's training: model, optimiser, loaders, counters."""
+
+    def __init__(self, cfg: Config, run: dict):
+        from model import build
+        from model.postprocess import PostProcess
+        from pipelines.loader import make_loader
+
+        self.cfg, self.run = cfg, run
+        self.run_dir = Path(run["run_dir"])
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(cfg.train.seed)
+
+        model, self.criterion, _ = build(cfg.model, cfg.loss)
+        self.postprocess = PostProcess(cfg.eval.max_dets)
+        # every parameter gets a gradient in every configuration (checked by tests), so DDP need not search
+        self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+        self.module = self.model.module if hasattr(self.model, "module") else self.model
+        self.criterion.to(self.device)
+
+        self.optimizer, self.scheduler = make_optimizer(cfg, self.module, self.world_size)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        d = cfg.data
+        self.train_loader = make_loader(d.train_shards, train=True, batch_size=d.batch_size, num_workers=d.num_workers,
+                                        rank=self.rank, world_size=self.world_size, seed=cfg.train.seed,
+                                        shuffle_buffer=d.shuffle_buffer, scales=tuple(d.train_scales),
+                                        max_size=d.max_size, val_scale=d.val_scale, random_crop=d.random_crop)
+        self.val_loader = make_loader(d.val_shards, train=False, batch_size=d.batch_size, num_workers=d.num_workers,
+                                      rank=self.rank, world_size=self.world_size, seed=cfg.train.seed,
+                                      shuffle_buffer=0, max_size=d.max_size, val_scale=d.val_scale)
+        self.steps_per_epoch = len(self.train_loader)
+        if cfg.train.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"data.train_shards={d.train_shards!r}: no full batch of {d.batch_size} per worker "
+                             f"for {self.world_size} workers")
+
+        self.start_epoch, self.step = 0, 0
+        self.last_eval: dict[str, float] = {}
+        self.logger = None
+        if self.rank == 0:
+            from orchestrator.run.tracking import RunLogger
+
+            self.logger = RunLogger(run["tracking_uri"], run["mlflow_run_id"])
+        self._restore()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _restore(self) -> None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as directory:
+            state = checkpoints.load(directory, map_location="cpu")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.step = int(state["epoch"]) + 1, int(state["step"])
+        self.last_eval = dict(state.get("last_eval", {}))
+        log.info("rank %d resumed from the checkpoint of epoch %d (step %d)", self.rank, state["epoch"], self.step)
+        if self.logger is not None:
+            self.logger.tags({"sdo.resumed_from_epoch": state["epoch"]})
+            self.logger.metrics({"resumed_from_epoch": state["epoch"]}, step=self.step)
+
+    def _state(self, epoch: int) -> dict:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "step": self.step,
+            "config": to_dict(self.cfg),
+            "mlflow_run_id": self.run["mlflow_run_id"],
+            "last_eval": dict(self.last_eval),
+        }
+
+    # ---------------------------------------------------------------- one epoch
+
+    def _maybe_crash(self) -> None:
+        """Fault injection (``train.crash_at_step``): rank 1 (rank 0 when alone) dies once, for real."""
+        crash_at = self.cfg.train.crash_at_step
+        if crash_at is None or self.step != crash_at or self.rank != min(1, self.world_size - 1):
+            return
+        if claim_crash(self.run_dir):
+            # die only once the last report is registered, so the restart provably resumes from it
+            # (the controller collects reports asynchronously; a faster death would race with it)
+            ray.train.get_all_reported_checkpoints()
+            print(f"sdo: fault injection: rank {self.rank} exits at step {self.step}", flush=True)
+            os._exit(1)
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        self.criterion.train()
+        self.train_loader.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        images_seen, steps_done, started = 0, 0, time.perf_counter()
+        for images, mask, targets in self.train_loader:
+            if steps_done >= self.steps_per_epoch:
+                break
+            self._maybe_crash()
+            try:
+                values = train_step(self.model, self.criterion, self.optimizer, self.scaler, (images, mask, targets),
+                                    self.device, self.amp_dtype, self.cfg.train.clip_max_norm)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"epoch {epoch} step {self.step}: {err}") from None
+            self.step += 1
+            steps_done += 1
+            images_seen += images.shape[0]
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if self.step % self.cfg.train.log_every == 0:
+                step_metrics = all_reduce_mean(values, self.device)
+                if self.logger is not None:
+                    self.logger.metrics({**step_metrics, "lr": self.optimizer.param_groups[0]["lr"]}, step=self.step)
+        elapsed = time.perf_counter() - started
+        means = all_reduce_mean({k: v / max(steps_done, 1) for k, v in sums.items()}, self.device)
+        global_images = all_reduce_sum(float(images_seen), self.device)
+        return {**means, "img_per_s": global_images / max(elapsed, 1e-9), "epoch_time": elapsed,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        from pipelines.coco_eval import ground_truth
+
+        predictions = evaluation.predict(self.module, self.postprocess, self.val_loader, self.device,
+                                         autocast_dtype=self.amp_dtype)
+        gathered = evaluation.gather_predictions(predictions)
+        metrics = None
+        if self.rank == 0:
+            metrics = evaluation.coco_metrics(gathered, ground_truth(self.cfg.data.val_shards))
+            path = evaluation.write_eval_json(self.run_dir / "eval" / f"epoch_{epoch:04d}.json", metrics,
+                                              epoch=epoch, num_predictions=len(gathered))
+            self.logger.artifact(path, "eval")
+        return evaluation.broadcast(metrics)
+
+    def dam_pictures(self, epoch: int) -> None:
+        """Rank 0: selected tokens and DAM target of the first ``eval.dam_images`` val images."""
+        from model.dam import dam_target
+        from orchestrator.train import plots
+
+        wanted = self.cfg.eval.dam_images
+        if self.rank != 0 or wanted == 0 or self.cfg.model.rho <= 0:
+            return
+        self.module.eval()
+        drawn = 0
+        out_dir = self.run_dir / "plots" / "dam"
+        with torch.no_grad():
+            for images, mask, targets in self.val_loader:
+                images, mask, targets = evaluation.to_device(images, mask, targets, self.device)
+                outputs = self.module(images, mask)
+                target = dam_target(outputs).cpu()
+                shapes, starts = outputs["spatial_shapes"].cpu(), outputs["level_start_index"].cpu()
+                for b in range(images.shape[0]):
+                    image_id = evaluation.image_id(targets[b])
+                    if drawn >= wanted or image_id < 0:  # negative ids pad the last val batch
+                        continue
+                    kept = int(outputs["sparse_token_nums"][b])  # [B, K] rows are padded to the batch's largest K
+                    selected = plots.selected_token_values(outputs["backbone_topk_proposals"][b, :kept], target.shape[1])
+                    valid = ~outputs["mask_flatten"][b].cpu()
+                    plots.dam_picture(images[b].cpu(), mask[b].cpu(), selected * valid, target[b] * valid, shapes,
+                                      starts, out_dir / f"dam_image{image_id}.png",
+                                      title=f"epoch {epoch}, image {image_id}, rho={self.cfg.model.rho}")
+                    drawn += 1
+                if drawn >= wanted:
+                    break
+        self.module.train()
+        if drawn:
+            self.logger.artifact(out_dir, "plots/dam")
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> None:
+        epochs, every = self.cfg.train.epochs, self.cfg.eval.every
+        for epoch in range(self.start_epoch, epochs):
+            metrics = {"epoch": epoch, **self.train_one_epoch(epoch)}
+            self.scheduler.step()
+            last = epoch == epochs - 1
+            if (epoch + 1) % every == 0 or last:
+                self.last_eval = self.evaluate(epoch)
+            metrics.update(self.last_eval or {"AP": 0.0})
+            metrics["step"] = self.step
+            if last:
+                self.dam_pictures(epoch)
+            self._report(epoch, metrics, last)
+
+    def _report(self, epoch: int, metrics: dict, last: bool) -> None:
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        epoch_metrics = {k: v for k, v in metrics.items() if k in ("epoch", "img_per_s", "epoch_time", *AP_KEYS)}
+        self.logger.metrics({**epoch_metrics, **{f"epoch_{k}": v for k, v in metrics.items() if k.startswith("loss")}},
+                            step=self.step)
+        with tempfile.TemporaryDirectory(prefix="sdo-ckpt-") as directory:
+            checkpoints.save(directory, self._state(epoch))
+            if last and self.cfg.tracking.log_checkpoints:
+                self.logger.artifact(directory, "checkpoints/final")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. ``config``: {'cfg': to_dict(Config), 'run': {'run_dir', 'tracking_uri',
+    'mlflow_run_id', 'name'}}."""
+    cfg = from_dict(config["cfg"])
+    Trainer(cfg, config["run"]).fit()

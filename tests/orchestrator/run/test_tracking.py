@@ -1,0 +1,150 @@
+"""MLflow helpers against a real sqlite store and a real (tiny) HTTP server; checkpoint files."""
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from train_helpers import free_port
+
+from orchestrator.config import flatten, load_config
+from orchestrator.run import checkpoints, tracking
+from orchestrator.run.directory import claim_crash, storage_root
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(None, [f"train.storage_path={tmp_path / 'runs'}", "model.rho=0.2"])
+
+
+def test_embedded_store_uris_are_absolute(cfg, tmp_path):
+    uri = tracking.tracking_uri(cfg)
+    assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}"
+    assert tracking.embedded_store(tmp_path / "runs")[1] == (tmp_path / "runs" / "mlflow" / "artifacts").as_uri()
+    cfg.tracking.uri = "relative/dir"
+    assert tracking.tracking_uri(cfg) == (Path.cwd() / "relative" / "dir").as_uri()
+    cfg.tracking.uri = "http://127.0.0.1:5000"
+    assert tracking.tracking_uri(cfg) == "http://127.0.0.1:5000"
+
+
+def test_create_run_logs_every_config_field_and_tags(cfg):
+    exp_id, run_id = tracking.create_run(cfg, name="r1")
+    run = MlflowClient(tracking.tracking_uri(cfg)).get_run(run_id)
+    assert run.info.experiment_id == exp_id
+    assert run.info.run_name == "r1"
+    expected = {k: ("null" if v is None else str(v)) for k, v in flatten(cfg).items()}
+    assert run.data.params == expected
+    assert run.data.tags["rho"] == "0.2"
+    assert run.data.tags["backbone"] == "resnet50"
+    assert run.data.tags["cluster_kind"] == "local"
+    assert "mlflow.parentRunId" not in run.data.tags
+    # artifacts land under the embedded artifact root, not the working directory
+    assert run.info.artifact_uri.startswith(tracking.embedded_store(storage_root(cfg))[1])
+
+
+def test_child_run_is_nested_under_the_parent(cfg):
+    _, parent = tracking.create_run(cfg, name="sweep")
+    cfg.tracking.parent_run_id = parent
+    _, child = tracking.create_run(cfg, name="trial")
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    assert client.get_run(child).data.tags["mlflow.parentRunId"] == parent
+    exp = client.get_run(child).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert [r.info.run_id for r in children] == [child]
+
+
+def test_run_logger_history_keeps_the_last_value_of_a_step(cfg):
+    _, run_id = tracking.create_run(cfg, name="r2")
+    logger = tracking.RunLogger(tracking.tracking_uri(cfg), run_id)
+    logger.metrics({"loss": 3.0, "lr": 1e-4}, step=1)
+    logger.metrics({"loss": 2.0}, step=2)
+    logger.metrics({"loss": 1.5}, step=2)  # step 2 re-run after a restart
+    assert logger.history(["loss", "lr", "absent"]) == {"loss": [(1, 3.0), (2, 1.5)], "lr": [(1, 1e-4)]}
+    tracking.set_status(logger.uri, run_id, "FINISHED")
+    assert logger.status() == "FINISHED"
+
+
+def test_run_url():
+    assert tracking.run_url("sqlite:////x/mlflow.db", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+    assert tracking.run_url("https://mlflow.example/", "3", "abc") == "https://mlflow.example/#/experiments/3/runs/abc"
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_check_reachable_server_and_unreachable_server():
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        tracking.check_reachable(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(tracking.TrackingUnreachable, match=dead.replace(".", r"\.")):
+        tracking.check_reachable(dead, timeout=2)
+    with pytest.raises(tracking.TrackingUnreachable, match="unsupported scheme"):
+        tracking.check_reachable("ftp://host/x")
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    state = {"model": {"w": torch.arange(4.0)}, "optimizer": {"state": {}, "param_groups": []},
+             "scheduler": {"last_epoch": 3}, "epoch": 2, "step": 40, "config": {"model": {"rho": 0.1}},
+             "mlflow_run_id": "abc"}
+    directory = checkpoints.save(tmp_path / "ckpt", state)
+    assert (directory / "config.yaml").read_text().startswith("model:")
+    loaded = checkpoints.load(directory)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert (loaded["epoch"], loaded["step"], loaded["mlflow_run_id"]) == (2, 40, "abc")
+    assert checkpoints.load(directory / "checkpoint.pt")["scheduler"] == {"last_epoch": 3}
+    with pytest.raises(checkpoints.CheckpointError, match="mlflow_run_id"):
+        checkpoints.save(tmp_path / "bad", {k: v for k, v in state.items() if k != "mlflow_run_id"})
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoints.load(tmp_path / "missing")
+
+
+def test_crash_hook_fires_once_per_run_dir(tmp_path):
+    assert claim_crash(tmp_path) is True
+    assert claim_crash(tmp_path) is False
+    other = tmp_path / "other"
+    other.mkdir()
+    assert claim_crash(other) is True  # each run directory has its own marker
+
+
+def test_ui_serves_the_embedded_store(cfg):
+    _, run_id = tracking.create_run(cfg, name="shown")
+    port = free_port()
+    process = tracking.start_ui(storage_root(cfg), port=port, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, body = time.time() + 120, None
+        while time.time() < deadline and process.poll() is None:
+            try:
+                url = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={run_id}"
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    body = reply.read().decode()
+                break
+            except OSError:
+                time.sleep(1)
+        assert body is not None, "mlflow ui did not answer"
+        assert run_id in body and '"shown"' in body
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

@@ -1,0 +1,128 @@
+"""End to end through the real CLI: `sdo sweep` with real trainings (Ray Tune -> Ray Train -> MLflow sqlite).
+
+One small sweep serves every assertion (Ray start-up dominates the cost): 2 trials (rho grid x a
+sampled encoder-aux weight), 1 worker each, one at a time. The first `sdo sweep` is interrupted
+with SIGINT once the second trial has started (its MLflow child run exists); `sdo sweep --resume`
+then finishes it. Every trial must end terminal with exactly one child run, and the finished
+trial's run must be left alone by the resume.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+from train_helpers import make_shards, tiny_config
+
+from orchestrator.sweep.driver import STATE_FILE
+
+NAME = "demo"
+RHOS = [0.1, 0.3]
+
+
+def _sdo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "sweep", *args]
+
+
+def _started_trials(trials_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in trials_dir.glob("*/sdo_run.json"))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    shards = make_shards(root)
+    tiny_config(root / "tiny.yaml", shards, root / "runs", num_workers=1)
+    config = root / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "base": "tiny.yaml",
+        "data": {"train_shards": "shards/train", "val_shards": "shards/val"},  # relative to the cwd, as users write them
+        "sweep": {"space": {"model.rho": {"grid": RHOS}, "loss.enc_aux_coef": {"choice": [0.5, 2.0]}},
+                  "max_concurrent": 1, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
+    }))
+    directory = root / "runs" / "sweeps" / NAME
+    log1 = (root / "first.log").open("w")
+    first = subprocess.Popen(_sdo("--config", str(config), "--name", NAME), cwd=root, stdout=log1,
+                             stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 420
+    while len(_started_trials(directory / "trials")) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    started = _started_trials(directory / "trials")
+    assert len(started) == 2, (root / "first.log").read_text()[-3000:]
+    before = {p.name: json.loads((p / "sdo_run.json").read_text())["mlflow_run_id"] for p in started}
+    first.send_signal(signal.SIGINT)
+    first_rc = first.wait(timeout=240)
+    log1.close()
+    resumed = subprocess.run(_sdo("--config", str(config), "--name", NAME, "--resume"), cwd=root,
+                             capture_output=True, text=True, timeout=480, check=False)
+    state = json.loads((directory / STATE_FILE).read_text())
+    return {"root": root, "dir": directory, "first_rc": first_rc, "first_log": (root / "first.log").read_text(),
+            "resumed": resumed, "before": before, "state": state, "client": MlflowClient(state["tracking_uri"])}
+
+
+def test_interrupted_then_resumed_to_the_end(sweep):
+    assert sweep["first_rc"] == 130, sweep["first_log"][-3000:]
+    assert f"continue it with --name {NAME} --resume" in sweep["first_log"]
+    resumed = sweep["resumed"]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = json.loads((sweep["dir"] / "report" / "trials.json").read_text())["trials"]
+    assert len(trials) == 2
+    assert all(t["status"] in ("completed", "stopped early") for t in trials), trials
+    assert sorted(t["params"]["model.rho"] for t in trials) == RHOS
+    assert all(t["params"]["loss.enc_aux_coef"] in (0.5, 2.0) for t in trials)
+    assert all(t["gflops"] > 0 and t["img_per_s"] > 0 and t["AP"] is not None for t in trials)
+    # GFLOPs grow with the keep ratio (same network otherwise)
+    by_rho = {t["params"]["model.rho"]: t["gflops"] for t in trials}
+    assert by_rho[0.1] < by_rho[0.3]
+    assert "Pareto front (AP vs GFLOPs):" in resumed.stdout
+
+
+def test_one_parent_and_one_child_per_trial_no_duplicates(sweep):
+    client, state = sweep["client"], sweep["state"]
+    runs = client.search_runs([state["experiment_id"]], run_view_type=ViewType.ALL)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["mlflow_run_id"]]
+    assert [r.info.run_id for r in parents] == [state["mlflow_run_id"]]
+    assert len(runs) == 1 + 2 and len(children) == 2
+    # both trials' runs are the ones created before the interruption: resumed, not duplicated
+    assert {r.info.run_name: r.info.run_id for r in children} == sweep["before"]
+    trials = {t["run_name"]: t for t in json.loads((sweep["dir"] / "report" / "trials.json").read_text())["trials"]}
+    for run in children:
+        trial = trials[run.info.run_name]
+        assert run.data.params["model.rho"] == str(trial["params"]["model.rho"])
+        assert run.data.params["loss.enc_aux_coef"] == str(trial["params"]["loss.enc_aux_coef"])
+        assert run.data.params["train.epochs"] == "2"
+        assert run.data.tags["sdo.trial_id"] == trial["trial"]
+        assert run.data.tags["sdo.sweep.status"] == trial["status"]
+        assert run.info.status == ("FINISHED" if trial["status"] == "completed" else "KILLED")
+        assert "AP" in run.data.metrics and run.data.metrics["gflops"] == pytest.approx(trial["gflops"])
+
+
+def test_parent_run_records_space_best_trial_and_report(sweep):
+    client, state = sweep["client"], sweep["state"]
+    parent = client.get_run(state["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["space.model.rho"] == f"grid {RHOS}"
+    assert parent.data.params["space.loss.enc_aux_coef"] == "choice [0.5, 2.0]"
+    assert parent.data.params["sweep.budget_epochs"] == "2"
+    assert parent.data.params["sweep.flops_size"] == "128x128"
+    assert "rho" not in parent.data.tags
+    trials = json.loads((sweep["dir"] / "report" / "trials.json").read_text())
+    assert parent.data.tags["best_trial"] == trials["best"]["trial"]
+    assert parent.data.metrics["best_AP"] == pytest.approx(max(t["AP"] for t in trials["trials"]))
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/pareto.png", "report/trials.csv", "report/pareto.csv", "report/report.md"} <= artifacts
+
+
+def test_starting_an_existing_sweep_without_resume_exits_2(sweep):
+    again = subprocess.run(_sdo("--config", str(sweep["root"] / "sweep.yaml"), "--name", NAME), cwd=sweep["root"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 2
+    assert f"sdo: error: sweep '{NAME}' already exists" in again.stderr
