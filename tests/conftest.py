@@ -1,4 +1,4 @@
-"""Fixture of the ms_deform_attn op tests: the native op (installed, else JIT-built once)."""
+"""Fixtures shared by several test folders: the native ms_deform_attn op (installed, else JIT-built once)."""
 from __future__ import annotations
 
 import pytest
