@@ -102,6 +102,7 @@ def _setup() -> None:
             "matplotlib>=3.7",
             "kubernetes>=29.0",
             "jsonschema>=4.18",
+            "psutil>=5.9",
         ],
         extras_require={"dev": ["pytest>=8.0", "ruff>=0.5", "rust-just>=1.30"], "optuna": ["optuna>=3.0"], "swin": ["timm>=0.9"]},
         entry_points={"console_scripts": ["sdo=orchestrator.cli:main"]},

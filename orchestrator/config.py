@@ -117,6 +117,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = doc("cap on steps per epoch (null = full epoch from the index)", None)
     max_failures: int = doc("worker-group restarts from the latest checkpoint before giving up", 3)
     keep_checkpoints: int = doc("checkpoints kept by Ray Train (best by AP and latest are always kept)", 2)
+    checkpoint_every: int | None = doc("also checkpoint every N global steps inside an epoch (null = epoch ends "
+                                       "only); a lost worker then costs at most N steps", None)
     storage_path: str = doc("where runs, checkpoints and the embedded MLflow store live", "runs")
     crash_at_step: int | None = doc("fault-injection hook for tests: worker rank 1 exits once at this global step", None)
 
@@ -432,6 +434,8 @@ def validate(cfg: Config) -> None:
     _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch", t.max_steps_per_epoch, "must be >= 1 or null")
     _check(t.max_failures >= 0, "train.max_failures", t.max_failures, "must be >= 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every,
+           "must be >= 1 or null")
     _check(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "must be >= 1")
     _check(1 <= cfg.eval.max_dets <= m.num_queries * max(m.num_classes, 1), "eval.max_dets", cfg.eval.max_dets, "must be >= 1")
     _check(cfg.eval.dam_images >= 0, "eval.dam_images", cfg.eval.dam_images, "must be >= 0")

@@ -11,6 +11,7 @@ import traceback
 import click
 
 from orchestrator.cli import bench, data, launch, ops, sweep
+from orchestrator.run.failures import RunInterrupted
 
 # Exceptions that mean "the user gave us something wrong" -> exit code 2.
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError)
@@ -29,8 +30,9 @@ class ErrorReportingGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except KeyboardInterrupt:
-            click.echo("sdo: interrupted", err=True)
+        except KeyboardInterrupt as err:
+            # RunInterrupted says how to resume: "interrupted; continue with sdo launch --name N --resume"
+            click.echo(f"sdo: {err}" if isinstance(err, RunInterrupted) else "sdo: interrupted", err=True)
             sys.exit(130)
         except Exception as err:  # noqa: BLE001 - the CLI is the one place that reports everything
             if ctx.obj and ctx.obj.get("verbose"):

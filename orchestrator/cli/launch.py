@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -60,16 +61,22 @@ def eval_cmd(config_path: str, checkpoint: str, overrides: tuple, max_batches: i
 @click.option("--port", default=5000, show_default=True, type=int, help="Port on 127.0.0.1.")
 def ui(storage: str, port: int) -> None:
     """Start the MLflow UI on 127.0.0.1 for the embedded store."""
-    from orchestrator.run.tracking import start_ui
+    from orchestrator.run.tracking import start_ui, stop_ui
 
     process = start_ui(Path(storage), port=port)
     click.echo(f"sdo: MLflow UI at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the UI's processes too
     try:
         while process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=10)
         return
+    finally:
+        stop_ui(process)
+        signal.signal(signal.SIGTERM, previous)
     if process.returncode:
         raise RuntimeError(f"mlflow ui exited with status {process.returncode}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

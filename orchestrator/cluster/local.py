@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 
+from orchestrator.cluster import reaper as reaper_process
 from orchestrator.config import Config
 
 
@@ -33,23 +36,42 @@ def ray_session(cfg: Config) -> Iterator[None]:
     """Ray for this process: attach to the cluster a Ray Job runs in, or start an embedded one.
 
     The embedded Ray binds to 127.0.0.1 and runs the dashboard, which Ray 2.60 needs to clean up
-    placement groups of finished trainers. It is shut down on exit; an attached one is left alone.
+    placement groups of finished trainers. It is shut down on exit (normal, Ctrl-C, SIGTERM); a reaper
+    process (orchestrator.cluster.reaper) stops it should this process be SIGKILLed. An attached
+    cluster is left alone.
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
+    reaper = None
     if os.environ.get("RAY_ADDRESS"):  # inside a Ray Job: the cluster is already there
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         port = cfg.cluster.dashboard_port if _port_free(cfg.cluster.dashboard_port) else free_port()
+        reaper = reaper_process.start()
         ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, _node_ip_address="127.0.0.1")
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         yield
     finally:
         ray.shutdown()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        if reaper is not None:
+            reaper.terminate()
+            reaper.wait(timeout=10)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminate(signum, frame):
+    """SIGTERM ends the run like Ctrl-C (KILLED, resumable) rather than leaving Ray's processes behind."""
+    raise KeyboardInterrupt
 
 
 def launch_local(cfg: Config, *, name: str, resume: bool, echo: Callable[[str], None] = print) -> dict:

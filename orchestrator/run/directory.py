@@ -16,6 +16,7 @@ from orchestrator.config import Config
 
 RUN_STATE_FILE = "sdo_run.json"
 CRASH_MARKER = ".crash_injected"
+STOP_MARKER = ".stop_requested"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -76,3 +77,17 @@ def claim_crash(run_dir: Path) -> bool:
         return False
     os.close(fd)
     return True
+
+
+def request_stop(run_dir: Path) -> None:
+    """Ask a running training to stop at its next step, with a checkpoint (the driver's Ctrl-C)."""
+    (Path(run_dir) / STOP_MARKER).touch()
+
+
+def stop_requested(run_dir: Path) -> bool:
+    return (Path(run_dir) / STOP_MARKER).is_file()
+
+
+def clear_stop(run_dir: Path) -> None:
+    """Forget a stop request once the run has stopped, so that ``--resume`` trains on."""
+    (Path(run_dir) / STOP_MARKER).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from orchestrator.run.directory import storage_root
 log = logging.getLogger(__name__)
 
 UI_PORT = 5000
+WORKER_GROUP_STARTS = "sdo.worker_group_starts"
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call
 _MAX_PARAM_LENGTH = 6000
 
@@ -161,14 +163,29 @@ def set_status(uri: str, run_id: str, status: str) -> None:
 class RunLogger:
     """Logs metrics, tags and artifacts into an existing run (used by rank 0 and the driver)."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, *, exactly_once: bool = False):
+        """``exactly_once``: a (metric, step) already in the run is never logged again, so that steps
+        trained again after a restore from a checkpoint do not repeat points (steps only grow within a run)."""
         self.uri = uri
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri=uri)
+        self._logged_through: dict[str, int] | None = {} if exactly_once else None
+
+    def _new(self, key: str, step: int) -> bool:
+        if self._logged_through is None:
+            return True
+        if key not in self._logged_through:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._logged_through[key] = max((m.step for m in history), default=-1)
+        if step <= self._logged_through[key]:
+            return False
+        self._logged_through[key] = step
+        return True
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in values.items() if v is not None]
+        batch = [Metric(k, float(v), now, int(step)) for k, v in values.items()
+                 if v is not None and self._new(k, int(step))]
         for start in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
 
@@ -196,6 +213,12 @@ class RunLogger:
                 out[key] = [(step, points[step][1]) for step in sorted(points)]
         return out
 
+    def count_start(self) -> int:
+        """One more start of the run's worker group (tag ``sdo.worker_group_starts``) -> the count."""
+        starts = int(self.client.get_run(self.run_id).data.tags.get(WORKER_GROUP_STARTS, 0)) + 1
+        self.client.set_tag(self.run_id, WORKER_GROUP_STARTS, str(starts))
+        return starts
+
     def metric_keys(self) -> list[str]:
         return sorted(self.client.get_run(self.run_id).data.metrics)
 
@@ -204,11 +227,33 @@ class RunLogger:
 
 
 def start_ui(storage: Path, port: int = UI_PORT, host: str = "127.0.0.1", **popen_kwargs) -> subprocess.Popen:
-    """Start ``mlflow ui`` for the embedded store under ``storage`` (bound to 127.0.0.1)."""
+    """Start ``mlflow ui`` for the embedded store under ``storage`` (bound to 127.0.0.1).
+
+    It runs in a process group of its own (its server forks job runners), so that :func:`stop_ui` can
+    stop all of it at once.
+    """
     uri, artifacts = embedded_store(storage)
     db = Path(uri[len("sqlite:///"):])
     if not db.is_file():
         raise FileNotFoundError(f"no MLflow store at {db}; run `sdo launch` first or pass --storage")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", artifacts,
            "--host", host, "--port", str(port), "--workers", "1"]
-    return subprocess.Popen(cmd, **popen_kwargs)
+    return subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+
+
+def stop_ui(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop the UI started by :func:`start_ui` and every process of its group, and reap it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the server is gone; its job runners may not be
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        break

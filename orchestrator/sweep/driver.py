@@ -1,7 +1,7 @@
 """`sdo sweep`: Ray Tune over the training of `sdo launch` (rho, loss weights, any config key).
 
 Each trial is a Tune *function trainable* that builds the same TorchTrainer as `sdo launch`
-(:func:`orchestrator.train.driver.run_training`) with ``TuneReportCallback``, so a trial is a real
+(:func:`orchestrator.train.driver.run_training`) with a ``TuneReportCallback``, so a trial is a real
 distributed training with its own checkpoints, fault tolerance and MLflow run. The trial itself
 reserves no CPU: the trainer's workers take the cluster's CPUs/GPUs and ``sweep.max_concurrent``
 bounds how many trainings run at once.
@@ -100,8 +100,11 @@ EPOCHS_DONE = "epochs_done"
 
 
 def _with_epochs_done(result: dict) -> dict:
-    """Training reports a 0-based 'epoch'; ASHA counts completed epochs."""
-    return {**result, EPOCHS_DONE: result["epoch"] + 1} if "epoch" in result else result
+    """ASHA's time attribute: sdo's own count of completed epochs, which the training reports (and which a
+    trial resumed from its checkpoint continues); results without it count their 0-based 'epoch' + 1."""
+    if EPOCHS_DONE in result or "epoch" not in result:
+        return result
+    return {**result, EPOCHS_DONE: result["epoch"] + 1}
 
 
 def _asha_class():
@@ -174,8 +177,8 @@ def run_trial(params: dict, *, setup: dict) -> None:
     continues its MLflow run and its latest checkpoint instead of starting a second run.
     """
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestrator.sweep.results import EpochReports
     from orchestrator.train.driver import run_training
 
     trial_id = tune.get_context().get_trial_id()
@@ -185,7 +188,7 @@ def run_trial(params: dict, *, setup: dict) -> None:
     name = trial_run_name(setup["name"], trial_id)
     resume = read_run_state(run_dir(cfg, name)) is not None
     run_training(cfg, name=name, resume=resume, storage_path=setup["trials_dir"],
-                 extra_callbacks=[TuneReportCallback()])
+                 extra_callbacks=[EpochReports()], command="sweep")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,20 +12,23 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig
 
 from orchestrator.config import Config, to_dict
-from orchestrator.run import tracking
+from orchestrator.run import checkpoints, tracking
+from orchestrator.run.directory import clear_stop, stop_requested
+from orchestrator.run.failures import RunInterrupted
 from orchestrator.run.lifecycle import open_run, run_info
 from orchestrator.run.preflight import preflight, resolve
 from orchestrator.train.evaluation import AP_KEYS
+from orchestrator.train.faults import SdoTorchTrainer, worker_error
 from orchestrator.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 
 def make_trainer(cfg: Config, *, name: str, storage_path: str | None = None, extra_callbacks: Iterable = (),
-                 mlflow_parent_run_id: str | None = None, resume: bool = False) -> TorchTrainer:
+                 mlflow_parent_run_id: str | None = None, resume: bool = False) -> SdoTorchTrainer:
     """A TorchTrainer for ``cfg`` whose MLflow run already exists (created here, or found with ``resume``).
 
     Ray Train restores from ``<storage_path>/<name>`` by itself when that run has checkpoints, so
@@ -35,8 +38,9 @@ def make_trainer(cfg: Config, *, name: str, storage_path: str | None = None, ext
     run = open_run(cfg, name=name, resume=resume, parent_run_id=mlflow_parent_run_id)
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    return TorchTrainer(
+    return SdoTorchTrainer(
         train_loop_per_worker,
+        run_dir=run["run_dir"],
         train_loop_config={"cfg": to_dict(cfg), "run": run},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
@@ -92,23 +96,36 @@ def finalize(cfg: Config, run: dict, result) -> dict:
 
 
 def run_training(cfg: Config, *, name: str, resume: bool = False, storage_path: str | None = None,
-                 extra_callbacks: Iterable = (), mlflow_parent_run_id: str | None = None) -> dict:
-    """Train to the end (restarting from checkpoints on worker failures) -> result summary.
+                 extra_callbacks: Iterable = (), mlflow_parent_run_id: str | None = None,
+                 command: str = "launch") -> dict:
+    """Train to the end (restarting from checkpoints on infrastructure failures) -> result summary.
 
     Ray must be initialised (see ``orchestrator.cluster.local.ray_session``). The summary holds 'AP',
     'metrics' (last report), 'checkpoint', 'best_checkpoint', 'mlflow_run_id', 'run_url'. The MLflow
-    run is marked FINISHED after the best checkpoint and the plots are logged, FAILED on an error.
+    run is marked FINISHED after the best checkpoint and the plots are logged; FAILED on an error, which
+    is re-raised as the worker's own error when a worker failed (so its type says bad input or not);
+    KILLED on Ctrl-C, which raises RunInterrupted once the run has stopped at a checkpoint.
     """
     trainer = make_trainer(cfg, name=name, storage_path=storage_path, extra_callbacks=extra_callbacks, resume=resume,
                            mlflow_parent_run_id=mlflow_parent_run_id)
     resolved = resolve(cfg, storage_path)
     run = run_info(cfg, name, storage_path)
+    run_dir = Path(run["run_dir"])
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as err:
+        checkpoints.remove_unregistered(run_dir)
+        if trainer.interrupts or isinstance(err, KeyboardInterrupt):
+            clear_stop(run_dir)
+            tracking.set_status(run["tracking_uri"], run["mlflow_run_id"], "KILLED")
+            raise RunInterrupted(name, command) from None
         tracking.set_status(run["tracking_uri"], run["mlflow_run_id"], "FAILED")
-        raise
-    if result.error is not None:
-        tracking.set_status(run["tracking_uri"], run["mlflow_run_id"], "FAILED")
-        raise RuntimeError(f"training run {name!r} failed: {result.error}")
+        cause = worker_error(err)
+        if cause is err:
+            raise
+        raise cause from err
+    if stop_requested(run_dir):
+        clear_stop(run_dir)
+        tracking.set_status(run["tracking_uri"], run["mlflow_run_id"], "KILLED")
+        raise RunInterrupted(name, command)
     return finalize(resolved, run, result)

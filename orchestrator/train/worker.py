@@ -1,9 +1,13 @@
 """The Ray Train worker function: one process per worker, DDP over gloo (CPU) or nccl (GPU).
 
 Every worker builds the model, reads its share of the shards, trains, and takes part in evaluation;
-rank 0 alone writes checkpoints and talks to MLflow. A restarted worker group finds the latest
-checkpoint through ``ray.train.get_checkpoint()`` and continues from the epoch after it, logging
-into the same MLflow run (its id travels in ``config['run']``).
+rank 0 alone writes checkpoints and talks to MLflow. Checkpoints are taken every
+``train.checkpoint_every`` steps and at every epoch end. A restarted worker group finds the latest
+checkpoint through ``ray.train.get_checkpoint()`` (falling back to the newest readable one when the
+latest is damaged) and continues from the exact step after it: the loader replays the epoch's
+deterministic order and skips the batches the checkpoint had consumed. Rank 0 logs into the same
+MLflow run (its id travels in ``config['run']``), each (metric, step) once whatever was restarted.
+A stop request (the driver's Ctrl-C) ends the run at the next step, with a checkpoint.
 """
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from orchestrator.config import Config, from_dict, to_dict
 from orchestrator.run import checkpoints
-from orchestrator.run.directory import claim_crash
+from orchestrator.run.directory import claim_crash, stop_requested
+from orchestrator.run.failures import CheckpointError
 from orchestrator.train import evaluation
 from orchestrator.train.step import (
     all_reduce_mean,
@@ -76,12 +82,19 @@ class Trainer:
                              f"for {self.world_size} workers")
 
         self.start_epoch, self.step = 0, 0
+        self.resume_epoch_state: dict = {}  # sums / counts of an epoch interrupted by a mid-epoch checkpoint
         self.last_eval: dict[str, float] = {}
+        self.last_report: dict[str, float] = {}
+        self.stopping = False
+        self.attempt = 0  # rank 0: which start of the worker group this is (names its checkpoints)
         self.logger = None
         if self.rank == 0:
             from orchestrator.run.tracking import RunLogger
 
-            self.logger = RunLogger(run["tracking_uri"], run["mlflow_run_id"])
+            self.logger = RunLogger(run["tracking_uri"], run["mlflow_run_id"], exactly_once=True)
+            self.attempt = self.logger.count_start()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # a rank failing in _restore must not stop rank 0 before this start is counted
         self._restore()
 
     # ---------------------------------------------------------------- checkpoints
@@ -91,27 +104,44 @@ class Trainer:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as directory:
-            state = checkpoints.load(directory, map_location="cpu")
+            state, path, unreadable = newest_readable(Path(directory))
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch, self.step = int(state["epoch"]) + 1, int(state["step"])
+        self.step = int(state["step"])
+        epoch = int(state["epoch"])
+        if state.get("epoch_done", True):  # checkpoints of sdo < 0.2 were all taken at epoch ends
+            self.start_epoch = epoch + 1
+        else:
+            self.start_epoch = epoch
+            self.resume_epoch_state = dict(state["epoch_state"])
         self.last_eval = dict(state.get("last_eval", {}))
-        log.info("rank %d resumed from the checkpoint of epoch %d (step %d)", self.rank, state["epoch"], self.step)
+        self.last_report = dict(state.get("last_report", {}))
+        log.info("rank %d resumed from %s (epoch %d, step %d)", self.rank, path, epoch, self.step)
         if self.logger is not None:
-            self.logger.tags({"sdo.resumed_from_epoch": state["epoch"]})
-            self.logger.metrics({"resumed_from_epoch": state["epoch"]}, step=self.step)
+            tags = {"sdo.resumed_from_epoch": epoch, "sdo.resumed_from_step": self.step,
+                    "sdo.resumed_from": str(path)}
+            if unreadable:
+                tags["sdo.unreadable_checkpoints"] = "; ".join(unreadable)
+                for line in unreadable:
+                    print(f"sdo: unreadable checkpoint {line}; resumed from {path}", flush=True)
+            self.logger.tags(tags)
+            self.logger.metrics({"resumed_from_epoch": epoch}, step=self.step)
 
-    def _state(self, epoch: int) -> dict:
+    def _state(self, epoch: int, epoch_state: dict | None) -> dict:
+        """``epoch_state`` None: ``epoch`` is complete; else the running sums of the epoch in progress."""
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
+            "epoch_done": epoch_state is None,
+            "epoch_state": dict(epoch_state or {}),
             "step": self.step,
             "config": to_dict(self.cfg),
             "mlflow_run_id": self.run["mlflow_run_id"],
             "last_eval": dict(self.last_eval),
+            "last_report": dict(self.last_report),
         }
 
     # ---------------------------------------------------------------- one epoch
@@ -128,13 +158,21 @@ class Trainer:
             print(f"sdo: fault injection: rank {self.rank} exits at step {self.step}", flush=True)
             os._exit(1)
 
-    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+    def train_one_epoch(self, epoch: int) -> dict[str, float] | None:
+        """Train ``epoch`` (from where a mid-epoch checkpoint left it) -> its means; None when a stop was
+        requested before its last step (the run is then checkpointed at the step it reached)."""
         self.model.train()
         self.criterion.train()
         self.train_loader.set_epoch(epoch)
-        sums: dict[str, float] = {}
-        images_seen, steps_done, started = 0, 0, time.perf_counter()
-        for images, mask, targets in self.train_loader:
+        resumed, self.resume_epoch_state = self.resume_epoch_state, {}
+        sums: dict[str, float] = dict(resumed.get("sums", {}))
+        steps_done, images_seen = int(resumed.get("steps", 0)), int(resumed.get("images", 0))
+        elapsed_before, started = float(resumed.get("seconds", 0.0)), time.perf_counter()
+        every = self.cfg.train.checkpoint_every
+        batches = iter(self.train_loader)
+        for _ in range(steps_done):  # the same deterministic order as before the restart: skip what was trained
+            next(batches)
+        for images, mask, targets in batches:
             if steps_done >= self.steps_per_epoch:
                 break
             self._maybe_crash()
@@ -152,11 +190,23 @@ class Trainer:
                 step_metrics = all_reduce_mean(values, self.device)
                 if self.logger is not None:
                     self.logger.metrics({**step_metrics, "lr": self.optimizer.param_groups[0]["lr"]}, step=self.step)
-        elapsed = time.perf_counter() - started
+            self.stopping = self._stop_requested()
+            if steps_done < self.steps_per_epoch and (self.stopping or (every and self.step % every == 0)):
+                epoch_state = {"sums": sums, "steps": steps_done, "images": images_seen,
+                               "seconds": elapsed_before + time.perf_counter() - started}
+                self._checkpoint(epoch, epoch_state=epoch_state, metrics={})
+                if self.stopping:
+                    return None
+        elapsed = elapsed_before + time.perf_counter() - started
         means = all_reduce_mean({k: v / max(steps_done, 1) for k, v in sums.items()}, self.device)
         global_images = all_reduce_sum(float(images_seen), self.device)
         return {**means, "img_per_s": global_images / max(elapsed, 1e-9), "epoch_time": elapsed,
                 "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _stop_requested(self) -> bool:
+        """The driver asked the run to stop (Ctrl-C): every rank learns it at the same step."""
+        flag = 1.0 if self.rank == 0 and stop_requested(self.run_dir) else 0.0
+        return all_reduce_sum(flag, self.device) > 0
 
     # ---------------------------------------------------------------- evaluation
 
@@ -212,8 +262,16 @@ class Trainer:
 
     def fit(self) -> None:
         epochs, every = self.cfg.train.epochs, self.cfg.eval.every
+        if self.start_epoch >= epochs and self.last_report:
+            # restored after the last epoch (a resumed sweep trial, a re-run of a finished run): nothing to
+            # train, but whoever waits for this run's results (Tune) must still get its final report
+            ray.train.report(self.last_report, checkpoint=None)
+            return
         for epoch in range(self.start_epoch, epochs):
-            metrics = {"epoch": epoch, **self.train_one_epoch(epoch)}
+            trained = self.train_one_epoch(epoch)
+            if trained is None:
+                return
+            metrics = {"epoch": epoch, **trained}
             self.scheduler.step()
             last = epoch == epochs - 1
             if (epoch + 1) % every == 0 or last:
@@ -222,21 +280,50 @@ class Trainer:
             metrics["step"] = self.step
             if last:
                 self.dam_pictures(epoch)
-            self._report(epoch, metrics, last)
+            if self.logger is not None:
+                epoch_metrics = {k: v for k, v in metrics.items() if k in ("epoch", "img_per_s", "epoch_time", *AP_KEYS)}
+                self.logger.metrics({**epoch_metrics,
+                                     **{f"epoch_{k}": v for k, v in metrics.items() if k.startswith("loss")}},
+                                    step=self.step)
+            self._checkpoint(epoch, epoch_state=None, metrics=metrics, last=last)
+            if self.stopping:
+                return
 
-    def _report(self, epoch: int, metrics: dict, last: bool) -> None:
+    def _checkpoint(self, epoch: int, *, epoch_state: dict | None, metrics: dict, last: bool = False) -> None:
+        """Report to Ray Train with a checkpoint of this step (every rank calls it: report is collective).
+
+        ``epochs_done`` is sdo's own epoch counter (Tune's time attribute); ``epoch_end`` tells epoch-end
+        reports from mid-epoch ones, which carry no new metrics. ``AP`` is the checkpoint's score.
+        """
+        report = {**metrics, "epoch": epoch, "step": self.step, "epochs_done": epoch + (epoch_state is None),
+                  "epoch_end": epoch_state is None}
+        report.setdefault("AP", self.last_eval.get("AP", 0.0))
+        if epoch_state is None:
+            self.last_report = dict(report)
         if self.rank != 0:
-            ray.train.report(metrics, checkpoint=None)
+            ray.train.report(report, checkpoint=None)
             return
-        epoch_metrics = {k: v for k, v in metrics.items() if k in ("epoch", "img_per_s", "epoch_time", *AP_KEYS)}
-        self.logger.metrics({**epoch_metrics, **{f"epoch_{k}": v for k, v in metrics.items() if k.startswith("loss")}},
-                            step=self.step)
         with tempfile.TemporaryDirectory(prefix="sdo-ckpt-") as directory:
-            checkpoints.save(directory, self._state(epoch))
+            checkpoints.save(directory, self._state(epoch, epoch_state))
             if last and self.cfg.tracking.log_checkpoints:
                 self.logger.artifact(directory, "checkpoints/final")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=checkpoints.dir_name(self.step, self.attempt))
+
+
+def newest_readable(latest: Path) -> tuple[dict, Path, list[str]]:
+    """The state of ``latest``, or of the newest older checkpoint beside it that loads when ``latest`` is
+    damaged -> (state, its directory, ['<path> (<why>)' for each unreadable one tried first]).
+
+    Raises CheckpointError naming every file when none loads.
+    """
+    unreadable = []
+    for candidate in [latest, *checkpoints.older_than(latest)]:
+        try:
+            return checkpoints.load(candidate, map_location="cpu"), candidate, unreadable
+        except (CheckpointError, FileNotFoundError) as err:
+            unreadable.append(str(err))
+    raise CheckpointError("no readable checkpoint to resume from: " + "; ".join(unreadable))
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -131,7 +131,7 @@ def test_crash_hook_fires_once_per_run_dir(tmp_path):
 def test_ui_serves_the_embedded_store(cfg):
     _, run_id = tracking.create_run(cfg, name="shown")
     port = free_port()
-    process = tracking.start_ui(storage_root(cfg), port=port, start_new_session=True,
+    process = tracking.start_ui(storage_root(cfg), port=port,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline, body = time.time() + 120, None
@@ -148,3 +148,40 @@ def test_ui_serves_the_embedded_store(cfg):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_sdo_ui_leaves_no_process_behind(cfg, stop):
+    """`sdo ui` stopped by Ctrl-C (its whole foreground group) or SIGTERM: the MLflow server and its job
+    runners go with it, and none is left a zombie."""
+    import sys
+
+    import psutil
+
+    tracking.create_run(cfg, name="shown")
+    port = free_port()
+    sdo = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--storage", str(storage_root(cfg)),
+                            "--port", str(port)], start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline, answered = time.time() + 120, False
+    while time.time() < deadline and not answered and sdo.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                answered = True
+        except OSError:
+            time.sleep(1)
+    assert answered, "sdo ui did not answer"
+    started = [p.pid for p in psutil.Process(sdo.pid).children(recursive=True)]
+    assert started, "mlflow ui runs as a child of sdo"
+    if stop == signal.SIGINT:
+        os.killpg(sdo.pid, signal.SIGINT)
+    else:
+        sdo.send_signal(signal.SIGTERM)
+    sdo.wait(timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        alive = [pid for pid in started if psutil.pid_exists(pid)]
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert alive == [], [psutil.Process(pid).cmdline() for pid in alive if psutil.pid_exists(pid)]
