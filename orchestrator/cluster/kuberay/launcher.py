@@ -1,7 +1,8 @@
 """`sdo launch|sweep --cluster k8s.yaml`: run on Kubernetes as a KubeRay RayJob.
 
 Flow: load the cluster spec -> render [ConfigMap, RayJob] -> validate (sdo schema, KubeRay's CRD from
-the cluster or a local copy) -> create the RayJob, then the ConfigMap owned by it -> follow the
+the cluster or a local copy) -> check the Secrets the pods will read (exist, readable, keys) ->
+create the RayJob, then the ConfigMap owned by it -> follow the
 RayJob status and stream the submitter pod's logs (K8sJobMode: `ray job submit` tails the job) until
 KubeRay marks it Complete or Failed. Ctrl-C detaches: the job keeps running.
 
@@ -177,7 +178,9 @@ def launch_on_kubernetes(cfg: Config, spec_path: str | Path, *, name: str, comma
                          poll_interval: float = 5.0, resume: bool = False) -> int:
     """Run ``sdo <command>`` for ``cfg`` as a RayJob on the cluster described by ``spec_path``.
 
-    dry_run: validate and print the manifests as multi-document YAML (kubectl-appliable), touch nothing.
+    dry_run: validate and print the manifests as multi-document YAML (kubectl-appliable), headed by
+    comments stating the permissions needed (deploy/rbac.yaml); with a kubeconfig the Secrets are
+    checked (read only), nothing is created.
     out: where progress, status changes and the job's log go (default: sys.stdout).
     resume: the job runs ``sdo <command> ... --resume`` (continue the run from its latest checkpoint).
     crd_dir: a copy of KubeRay's CRD files to validate against (default $SDO_KUBERAY_CRDS); when the

@@ -55,3 +55,14 @@ def test_local_dry_run_of_the_entrypoint_config(tmp_path):
     result = CliRunner().invoke(main, [*args, "--dry-run"])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.output)["train"]["storage_path"] == str(tmp_path / "runs")
+
+
+def test_the_sweep_entrypoint_with_retries_parses_as_the_cli(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "train": {"storage_path": str(tmp_path / "runs")}, "sweep": {"space": {"model.rho": {"grid": [0.1, 0.2]}}}}))
+    args = entrypoint("sweep", "s1", retries=1).split()[1:]
+    assert args[-1] == "--resume-if-exists"
+    args[args.index("--config") + 1] = str(tmp_path / "config.yaml")
+    result = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "runs" / "sweeps" / "s1").exists()  # a dry run claims nothing
