@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import jsonschema
+import kubernetes_validate
 import yaml
 
 from orchestrator.cluster.kuberay.launcher import launch_on_kubernetes
@@ -35,6 +36,11 @@ def test_objects_match_the_kubernetes_api():
     for kind, doc in docs.items():
         jsonschema.validate(doc, model_schema(MODELS[kind]))
         assert doc["metadata"]["namespace"] == "sdo", kind
+
+
+def test_objects_pass_kubernetes_validate_strictly():
+    for doc in objects().values():
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
 
 def test_binding_ties_the_role_to_the_service_account():

@@ -370,4 +370,16 @@ def test_the_rho01_job_passes_the_kuberay_crds_with_every_addition(tmp_path):
                   "spec": rayjob["spec"]["rayClusterSpec"]}
     validate_crd(raycluster, load_crd(CRD_DIR / "ray.io_rayclusters.yaml"), "RayCluster of the RayJob")
     assert rayjob["spec"]["activeDeadlineSeconds"] == 172800
+    # The core objects pass the Kubernetes API schemas strictly (unknown fields are errors).
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    kubernetes_validate.validate(configmap, version, strict=True)
+    rcs = rayjob["spec"]["rayClusterSpec"]
+    templates = [rcs["headGroupSpec"]["template"], rayjob["spec"]["submitterPodTemplate"],
+                 *(g["template"] for g in rcs["workerGroupSpecs"])]
+    for i, template in enumerate(templates):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                      "metadata": {"name": f"t{i}", "namespace": "sdo"}, "template": template},
+                                     version, strict=True)
     assert config_mod.from_dict(yaml.safe_load(configmap["data"]["config.yaml"])).model.rho == 0.1
