@@ -104,7 +104,10 @@ def _setup() -> None:
             "jsonschema>=4.18",
             "psutil>=5.9",
         ],
-        extras_require={"dev": ["pytest>=8.0", "ruff>=0.5", "rust-just>=1.30"], "optuna": ["optuna>=3.0"], "swin": ["timm>=0.9"]},
+        extras_require={"dev": ["pytest>=8.0", "ruff>=0.5", "rust-just>=1.30", "boto3>=1.34", "moto[server]>=5.0,<6",
+                                "kubernetes-validate>=1.30"],
+                        "optuna": ["optuna>=3.0"], "swin": ["timm>=0.9"],
+                        "s3": ["boto3>=1.34"]},  # `sdo data upload|cat` (pipelines/remote.py)
         entry_points={"console_scripts": ["sdo=orchestrator.cli:main"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

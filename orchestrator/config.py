@@ -143,8 +143,13 @@ class ClusterConfig:
     address: str = doc("local | http(s)://HEAD:8265 (Ray Jobs) | path to a KubeRay cluster spec (*.yaml)", "local")
     num_cpus: int | None = doc("CPUs of the embedded local Ray (null = all)", None)
     dashboard_port: int = doc("port of the embedded Ray dashboard (bound to 127.0.0.1)", 8265)
-    backoff_limit: int = doc("RayJob backoffLimit: whole-job retries on Kubernetes", 0)
+    backoff_limit: int = doc("RayJob backoffLimit: whole-job retries on Kubernetes, each on a fresh RayCluster that "
+                             "continues the same run from train.storage_path", 0)
     ttl_seconds_after_finished: int = doc("RayJob ttlSecondsAfterFinished", 600)
+    active_deadline_seconds: int | None = doc("RayJob activeDeadlineSeconds: KubeRay fails the job after this many "
+                                              "seconds, retries included (null = no cap)", None)
+    image: str | None = doc("container image of the head, workers and submitter on Kubernetes "
+                            "(null = the cluster spec's own)", None)
 
 
 
@@ -446,6 +451,10 @@ def validate(cfg: Config) -> None:
     _check(1 <= c.dashboard_port <= 65535, "cluster.dashboard_port", c.dashboard_port, "must be a TCP port")
     _check(c.backoff_limit >= 0, "cluster.backoff_limit", c.backoff_limit, "must be >= 0")
     _check(c.ttl_seconds_after_finished >= 0, "cluster.ttl_seconds_after_finished", c.ttl_seconds_after_finished, "must be >= 0")
+    _check(c.active_deadline_seconds is None or c.active_deadline_seconds >= 1, "cluster.active_deadline_seconds",
+           c.active_deadline_seconds, "must be >= 1 or null")
+    _check(c.image is None or (isinstance(c.image, str) and c.image.strip() != ""), "cluster.image", c.image,
+           "must be an image reference or null")
     s = cfg.sweep
     _check(s.num_samples >= 1, "sweep.num_samples", s.num_samples, "must be >= 1")
     _check(s.max_concurrent >= 1, "sweep.max_concurrent", s.max_concurrent, "must be >= 1")

@@ -19,7 +19,8 @@ THIRD_PARTY = {
     "model": {"torch", "numpy", "scipy", "model", "timm"},
     # pipelines/ imports torch, webdataset, pycocotools, PIL/numpy (+ tqdm for progress bars)
     "pipelines": {"torch", "numpy", "webdataset", "pycocotools", "PIL", "tqdm", "pipelines", "simplejpeg", "turbojpeg",
-                  "braceexpand"},  # webdataset's own shard-pattern expander
+                  "braceexpand",  # webdataset's own shard-pattern expander
+                  "boto3", "botocore"},  # pipelines/remote.py: shards in S3 (the optional `s3` extra)
 }
 # orchestrator/ packages (or top-level modules) -> floor; an import may only go to a lower floor or
 # stay inside its own package. `launch` is the alias module of the old Ray Job entry point.

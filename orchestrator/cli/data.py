@@ -59,3 +59,36 @@ def shard(images_dir, annotations_file, out_dir, shard_size, max_bytes, overwrit
         for reason, count in counts.items():
             examples = "; ".join(report["examples"].get(reason, [])[:2])
             click.echo(f"{title} {reason}: {count}" + (f" (e.g. {examples})" if examples else ""))
+
+
+@data.command()
+@click.argument("shard_dir", type=click.Path(file_okay=False))
+@click.argument("destination")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, Ceph, ...) "
+                                                   "[default: $AWS_ENDPOINT_URL, else AWS].")
+def upload(shard_dir, destination, endpoint_url) -> None:
+    """Upload a shard directory (shard-*.tar + index.json) to DESTINATION = s3://BUCKET/PREFIX, index last.
+
+    Readers never see a half-uploaded set: the old index is removed first and the new one written
+    after every shard is stored and its size checked. Prints the data.*_shards value that reads it.
+    """
+    from pipelines.remote import pipe_source, upload_shards
+
+    report = upload_shards(shard_dir, destination, endpoint_url=endpoint_url,
+                           progress=lambda name, size: click.echo(f"uploaded {name} ({size / 2**20:.1f} MiB)", err=True))
+    click.echo(f"{report['shards']} shards ({report['bytes'] / 2**20:.1f} MiB) + {report['index_url'].rsplit('/', 1)[1]} "
+               f"-> {report['destination']} at {report['endpoint_url']}")
+    click.echo(f"read it with: data.train_shards / data.val_shards = {pipe_source(report['index_url'], endpoint_url=endpoint_url)}")
+
+
+@data.command()
+@click.argument("url")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint [default: $AWS_ENDPOINT_URL, else AWS].")
+def cat(url, endpoint_url) -> None:
+    """Write the object URL (s3://BUCKET/KEY) to stdout, with bounded timeouts and retries.
+
+    What the loader runs through `pipe:` to read uploaded shards (see `sdo data upload`).
+    """
+    from pipelines.remote import cat as cat_object
+
+    cat_object(url, endpoint_url=endpoint_url)

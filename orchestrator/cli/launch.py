@@ -8,7 +8,32 @@ from pathlib import Path
 
 import click
 
-from orchestrator.config import load_config
+from orchestrator.config import cluster_kind, load_config, validate
+
+
+def check_local_resume(cfg, cluster: str | None) -> None:
+    """``--resume-if-exists`` looks at train.storage_path from where it runs: the RayJob's own command uses it."""
+    if cluster_kind(cluster or cfg.cluster.address) != "local":
+        raise click.UsageError("--resume-if-exists is decided where the storage is, i.e. inside the job: on "
+                               "--cluster *.yaml sdo adds it to the RayJob's command when cluster.backoff_limit > 0")
+
+
+def run_exists(cfg, name: str) -> bool:
+    """Whether train.storage_path holds the run ``name`` (its sdo_run.json): a retried RayJob then resumes it."""
+    from orchestrator.run.lifecycle import run_info
+
+    return run_info(cfg, name) is not None
+
+
+def apply_image(cfg, image: str | None, cluster: str | None) -> None:
+    """``--image`` is ``cluster.image``: one image for the head, the workers and the submitter."""
+    if image is None:
+        return
+    if cluster_kind(cluster or cfg.cluster.address) != "kubernetes":
+        raise click.UsageError("--image applies to --cluster *.yaml (KubeRay) only; local and Ray Jobs runs use "
+                               "the image of the running cluster")
+    cfg.cluster.image = image
+    validate(cfg)
 
 
 @click.command()
@@ -20,16 +45,27 @@ from orchestrator.config import load_config
 @click.option("--name", default=None, help="Run name: <storage_path>/<name> and the MLflow run name "
                                            "[default: <config stem>-<UTC time>].")
 @click.option("--resume", is_flag=True, help="Continue the stopped run --name from its latest checkpoint.")
+@click.option("--resume-if-exists", is_flag=True,
+              help="Continue the run --name if train.storage_path holds it, else start it (what a retried "
+                   "RayJob runs).")
+@click.option("--image", default=None, help="Kubernetes only: the image of the head, the workers and the submitter "
+                                            "[default: cluster.image, else the cluster spec's].")
 @click.option("--dry-run", is_flag=True, help="Print what would be run or submitted, run nothing.")
 def launch(config_path: str, overrides: tuple, cluster: str | None, name: str | None, resume: bool,
-           dry_run: bool) -> None:
+           resume_if_exists: bool, image: str | None, dry_run: bool) -> None:
     """Train Sparse DETR on Ray Train (embedded locally, a Ray cluster, or Kubernetes)."""
     from orchestrator.cluster.launch import launch as run_launch
     from orchestrator.run.directory import default_name
 
     cfg = load_config(config_path, overrides)
-    if resume and not name:
-        raise click.UsageError("--resume needs the --name of the run to continue")
+    apply_image(cfg, image, cluster)
+    if (resume or resume_if_exists) and not name:
+        raise click.UsageError("--resume/--resume-if-exists need the --name of the run to continue")
+    if resume and resume_if_exists:
+        raise click.UsageError("--resume and --resume-if-exists exclude each other")
+    if resume_if_exists:
+        check_local_resume(cfg, cluster)
+        resume = run_exists(cfg, name)
     result = run_launch(cfg, cluster=cluster, name=name or default_name(config_path), resume=resume,
                         dry_run=dry_run, echo=click.echo)
     if isinstance(result, int) and result != 0:

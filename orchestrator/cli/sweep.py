@@ -13,8 +13,13 @@ from orchestrator.config import load_config
 @click.option("--name", default=None, help="Sweep name (default: the config file's name + UTC time); results in "
               "<train.storage_path>/sweeps/<name>.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted sweep of that name (finished trials are kept).")
+@click.option("--resume-if-exists", is_flag=True,
+              help="Continue the sweep --name if train.storage_path holds it, else start it (what a retried RayJob runs).")
+@click.option("--image", default=None, help="Kubernetes only: the image of the head, the workers and the submitter "
+                                            "[default: cluster.image, else the cluster spec's].")
 @click.option("--dry-run", is_flag=True, help="Check the config and space and print what would run; start nothing.")
-def sweep(config_path: str, cluster: str, overrides: tuple, name: str, resume: bool, dry_run: bool) -> None:
+def sweep(config_path: str, cluster: str, overrides: tuple, name: str, resume: bool, resume_if_exists: bool,
+          image: str | None, dry_run: bool) -> None:
     """Sweep rho and loss weights with Ray Tune (ASHA), tracked in MLflow.
 
     Every trial is a full `sdo launch` training (a Ray Train TorchTrainer) nested as an MLflow child
@@ -24,12 +29,20 @@ def sweep(config_path: str, cluster: str, overrides: tuple, name: str, resume: b
     Exit status: 0 all trials ended (completed or stopped early), 1 some trial failed,
     130 interrupted (continue with --resume), 2 bad config or search space.
     """
+    from orchestrator.cli.launch import apply_image, check_local_resume
     from orchestrator.run.directory import default_name
+    from orchestrator.sweep.driver import STATE_FILE, sweep_dir
     from orchestrator.sweep.driver import sweep as run
 
-    if resume and not name:
-        raise click.UsageError("--resume needs the --name of the sweep to continue")
+    if (resume or resume_if_exists) and not name:
+        raise click.UsageError("--resume/--resume-if-exists need the --name of the sweep to continue")
+    if resume and resume_if_exists:
+        raise click.UsageError("--resume and --resume-if-exists exclude each other")
     cfg = load_config(config_path, overrides)
+    apply_image(cfg, image, cluster)
+    if resume_if_exists:
+        check_local_resume(cfg, cluster)
+        resume = (sweep_dir(cfg, name) / STATE_FILE).is_file()
     result = run(cfg, name=name or default_name(config_path), cluster=cluster, resume=resume, dry_run=dry_run,
                  echo=click.echo)
     if isinstance(result, dict):

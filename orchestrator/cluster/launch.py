@@ -42,4 +42,4 @@ def launch(cfg: Config, *, cluster: str | None = None, name: str, resume: bool =
         return submit_job(cfg, address=address, name=name, resume=resume, dry_run=dry_run, echo=echo)
     from orchestrator.cluster.kuberay.launcher import launch_on_kubernetes
 
-    return launch_on_kubernetes(cfg, address, name=name, command="launch", dry_run=dry_run)
+    return launch_on_kubernetes(cfg, address, name=name, command="launch", dry_run=dry_run, resume=resume)

@@ -27,6 +27,10 @@ class KubeRayNotInstalled(ClusterSpecError):
     """The cluster has no RayJob CRD (ray.io/v1): the KubeRay operator is not installed."""
 
 
+class NoCredentials(ClusterSpecError):
+    """No kubeconfig and not inside a pod: nothing to talk to (``--dry-run`` still renders offline)."""
+
+
 class RayJobExists(FileExistsError):
     """A RayJob (or its ConfigMap) of that name already exists in the namespace."""
 
@@ -47,7 +51,7 @@ def api_client(spec: ClusterSpec):
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config(client_configuration=conf)
         else:
-            raise ClusterSpecError(f"{spec.source}: no Kubernetes credentials: set sdo.kubeconfig, $KUBECONFIG "
+            raise NoCredentials(f"{spec.source}: no Kubernetes credentials: set sdo.kubeconfig, $KUBECONFIG "
                                    f"or ~/.kube/config (or run inside a pod)")
     except config.ConfigException as err:
         where = kubeconfig or os.environ.get("KUBECONFIG") or str(default)

@@ -1,7 +1,8 @@
 """`sdo launch|sweep --cluster k8s.yaml`: run on Kubernetes as a KubeRay RayJob.
 
 Flow: load the cluster spec -> render [ConfigMap, RayJob] -> validate (sdo schema, KubeRay's CRD from
-the cluster or a local copy) -> create the RayJob, then the ConfigMap owned by it -> follow the
+the cluster or a local copy) -> check the Secrets the pods will read (exist, readable, keys) ->
+create the RayJob, then the ConfigMap owned by it -> follow the
 RayJob status and stream the submitter pod's logs (K8sJobMode: `ray job submit` tails the job) until
 KubeRay marks it Complete or Failed. Ctrl-C detaches: the job keeps running.
 
@@ -28,6 +29,7 @@ from orchestrator.cluster.kuberay.client import (
     VERSION,
     KubeRayNotInstalled,
     KubernetesError,
+    NoCredentials,
     RayJobExists,
     api_client,
     api_message,
@@ -35,8 +37,10 @@ from orchestrator.cluster.kuberay.client import (
     status_details,
 )
 from orchestrator.cluster.kuberay.follow import detach_hint, follow
+from orchestrator.cluster.kuberay.rbac import describe as describe_permissions
 from orchestrator.cluster.kuberay.render import configmap_name, render_manifests
 from orchestrator.cluster.kuberay.schema import crd_dir_files, load_crd, validate_crd
+from orchestrator.cluster.kuberay.secrets import check_secrets, referenced_secrets
 from orchestrator.cluster.kuberay.spec import ClusterSpec, ClusterSpecError, load_cluster_spec
 from orchestrator.config import Config
 
@@ -152,6 +156,19 @@ def dump_manifests(manifests: list[dict]) -> str:
     return yaml.dump_all(manifests, Dumper=_ManifestDumper, sort_keys=False)
 
 
+def dry_run_header(manifests: list[dict], spec: ClusterSpec, *, command: str, name: str, secrets: list[str],
+                   checked_on: str | None) -> str:
+    """YAML comment lines (the output stays kubectl-appliable): what is created, the permissions that
+    takes (deploy/rbac.yaml), and whether the Secrets were checked."""
+    configmap, rayjob = manifests
+    checked = (f"Secrets checked on {checked_on}: {', '.join(secrets) or 'none named'}" if checked_on is not None
+               else "Secrets not checked: no Kubernetes credentials (kubeconfig)")
+    created = (f"sdo {command}: RayJob {spec.namespace}/{rayjob['metadata']['name']} + ConfigMap "
+               f"{configmap['metadata']['name']} (run {name})")
+    lines = [created, *describe_permissions(spec.namespace, secrets), checked]
+    return "".join(f"# {line}\n" for line in lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -161,7 +178,9 @@ def launch_on_kubernetes(cfg: Config, spec_path: str | Path, *, name: str, comma
                          poll_interval: float = 5.0, resume: bool = False) -> int:
     """Run ``sdo <command>`` for ``cfg`` as a RayJob on the cluster described by ``spec_path``.
 
-    dry_run: validate and print the manifests as multi-document YAML (kubectl-appliable), touch nothing.
+    dry_run: validate and print the manifests as multi-document YAML (kubectl-appliable), headed by
+    comments stating the permissions needed (deploy/rbac.yaml); with a kubeconfig the Secrets are
+    checked (read only), nothing is created.
     out: where progress, status changes and the job's log go (default: sys.stdout).
     resume: the job runs ``sdo <command> ... --resume`` (continue the run from its latest checkpoint).
     crd_dir: a copy of KubeRay's CRD files to validate against (default $SDO_KUBERAY_CRDS); when the
@@ -171,14 +190,23 @@ def launch_on_kubernetes(cfg: Config, spec_path: str | Path, *, name: str, comma
     out = out if out is not None else sys.stdout  # looked up per call: the CLI may have redirected it
     spec = load_cluster_spec(spec_path)
     crd = local_crd(crd_dir)
-    if dry_run:
-        manifests = render_manifests(cfg, spec, name=name, command=command, crd=crd, resume=resume)
-        out.write(dump_manifests(manifests))
-        return 0
     # Render first: bad input is reported before any network traffic.
     manifests = render_manifests(cfg, spec, name=name, command=command, crd=crd, resume=resume)
+    secrets = referenced_secrets(manifests[1], list(spec.sdo.env_from_secrets))
+    if dry_run:
+        try:
+            api = api_client(spec)
+        except NoCredentials:
+            api = None  # rendering needs no cluster; the Secrets cannot be checked and the header says so
+        if api is not None:
+            check_secrets(api, api.configuration.host, spec.namespace, secrets, spec.source)
+        out.write(dry_run_header(manifests, spec, command=command, name=name, secrets=sorted(secrets),
+                                 checked_on=api.configuration.host if api is not None else None))
+        out.write(dump_manifests(manifests))
+        return 0
     api = api_client(spec)
     host = api.configuration.host
+    check_secrets(api, host, spec.namespace, secrets, spec.source)
     installed = cluster_crd(api, host)
     if installed is not None:  # the schema the API server will enforce
         validate_crd(manifests[1], installed, what=f"RayJob {name} (from {spec.source}), CRD installed at {host}")

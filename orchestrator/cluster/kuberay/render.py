@@ -1,10 +1,13 @@
 """Render the manifests of one run on Kubernetes: a ConfigMap with the resolved config and a RayJob.
 
 The RayJob wraps the user's RayCluster spec unchanged except for what the run needs: the ConfigMap
-mounted read-only at /etc/sdo in the Ray containers, Secrets as env, and the security defaults
-(non-root pods, no privilege escalation) where the spec leaves them unset. Its entrypoint runs the
-same command a person runs locally (`sdo launch` / `sdo sweep`) on the head pod, where Ray Train
-attaches to the RayCluster the job runs in.
+mounted read-only at /etc/sdo in the Ray containers, Secrets as env, one image for every Ray
+container and the submitter (``cluster.image`` / ``--image``, else the spec's), Ray token auth
+(``authOptions.mode: token`` unless the spec says otherwise) and the security defaults (non-root
+pods, no privilege escalation) where the spec leaves them unset. The spec's ``metadata.labels`` and
+``annotations`` go onto the RayJob (Kueue reads ``kueue.x-k8s.io/queue-name`` there). Its entrypoint
+runs the same command a person runs locally (`sdo launch` / `sdo sweep`) on the head pod, where Ray
+Train attaches to the RayCluster the job runs in.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator import config as config_mod
+from orchestrator.cluster.kuberay.metadata import check_annotations, check_labels, image_tag_problem
 from orchestrator.cluster.kuberay.schema import (
     GPU_RESOURCE,
     format_path,
@@ -37,6 +41,8 @@ CONFIG_VOLUME = "sdo-config"
 SUBMITTER_CONTAINER = "ray-job-submitter"
 COMMANDS = ("launch", "sweep")
 RUN_NAME_ANNOTATION = "sdo/run-name"
+# Ray token authentication needs Ray >= 2.52 (KubeRay's authOptions, v1.5.1+).
+MIN_RAY_FOR_TOKEN_AUTH = (2, 52)
 # KubeRay's default submitter resources (ray-operator common/job.go), kept when we supply the template.
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 
@@ -45,10 +51,15 @@ def configmap_name(name: str) -> str:
     return f"{name}-config"
 
 
-def entrypoint(command: str, name: str, resume: bool = False) -> str:
-    """The shell command the RayJob runs on the head pod: the same CLI as a local run."""
-    return shlex.join(["sdo", command, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--name", name]
-                      + (["--resume"] if resume else []))
+def entrypoint(command: str, name: str, resume: bool = False, retries: int = 0) -> str:
+    """The shell command the RayJob runs on the head pod: the same CLI as a local run.
+
+    With ``retries`` (RayJob backoffLimit > 0) KubeRay runs this same command again on a fresh
+    RayCluster after a failure: ``--resume-if-exists`` makes that attempt continue the run it finds in
+    train.storage_path (same MLflow run, latest checkpoint) instead of refusing an existing name.
+    """
+    flags = ["--resume"] if resume else (["--resume-if-exists"] if retries > 0 else [])
+    return shlex.join(["sdo", command, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--name", name] + flags)
 
 
 def _is_shared_location(value: str) -> bool:
@@ -159,31 +170,84 @@ def _submitter_template(head_template: dict, labels: dict, secrets: list) -> dic
     return {"metadata": {"labels": dict(labels)}, "spec": pod}
 
 
+def _set_image(template: dict, image: str) -> None:
+    """The Ray container (index 0) runs ``image``; sidecars keep theirs."""
+    containers = _containers(template)
+    if containers and isinstance(containers[0], dict):
+        containers[0]["image"] = image
+
+
+def _ray_version(value: Any) -> tuple[int, int] | None:
+    parts = str(value).split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return None  # reported by the schema check
+
+
+def _auth_options(ray_cluster_spec: dict) -> None:
+    """Ray token auth as KubeRay documents it: ``authOptions.mode: token`` on the RayCluster.
+
+    KubeRay then sets RAY_AUTH_MODE and RAY_AUTH_TOKEN (a secretKeyRef, never a literal) on every Ray
+    container and on the submitter; the token is the Secret ``secretName`` (key ``auth_token``) or one
+    KubeRay generates per RayCluster. A spec that sets ``authOptions`` itself (``mode: disabled`` too)
+    is kept as it is.
+    """
+    auth = ray_cluster_spec.setdefault("authOptions", {"mode": "token"})
+    if not isinstance(auth, dict) or auth.get("mode") != "token":
+        return
+    version = _ray_version(ray_cluster_spec.get("rayVersion"))
+    if version is not None and version < MIN_RAY_FOR_TOKEN_AUTH:
+        minimum = ".".join(map(str, MIN_RAY_FOR_TOKEN_AUTH))
+        raise ClusterSpecError(f"spec.rayClusterSpec.authOptions.mode='token': needs rayVersion >= {minimum} "
+                               f"(got {ray_cluster_spec['rayVersion']!r}); set authOptions.mode: disabled to run without it")
+
+
 def render_rayjob(cfg: Config, spec: ClusterSpec, *, name: str, run_name: str, command: str, labels: dict,
                   resume: bool = False) -> dict:
     """The RayJob ``name`` running ``sdo <command>`` for the run ``run_name`` (validated by :func:`render_manifests`)."""
     ray_cluster_spec = copy.deepcopy(spec.ray_cluster_spec)
     secrets = list(spec.sdo.env_from_secrets)
     for path, template in _pod_templates(ray_cluster_spec):
+        if cfg.cluster.image:
+            _set_image(template, cfg.cluster.image)
         _mount_config(template, path, name, secrets)
         _secure(template)
+    _auth_options(ray_cluster_spec)
     rayjob_spec = {
-        "entrypoint": entrypoint(command, run_name, resume),
+        "entrypoint": entrypoint(command, run_name, resume, retries=cfg.cluster.backoff_limit),
         "submissionMode": "K8sJobMode",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": cfg.cluster.ttl_seconds_after_finished,
         "backoffLimit": cfg.cluster.backoff_limit,
         "rayClusterSpec": ray_cluster_spec,
     }
+    if cfg.cluster.active_deadline_seconds is not None:
+        rayjob_spec["activeDeadlineSeconds"] = cfg.cluster.active_deadline_seconds
     head = ray_cluster_spec.get("headGroupSpec")
     head_containers = _containers(head.get("template")) if isinstance(head, dict) else []
     # Without a head image the submitter has none either; the head's missing image is what gets reported.
     if head_containers and isinstance(head_containers[0], dict) and head_containers[0].get("image"):
         rayjob_spec["submitterPodTemplate"] = _submitter_template(head["template"], labels, secrets)
+    # The spec's own metadata reaches the RayJob (queueing: kueue.x-k8s.io/queue-name); sdo's keys win.
+    source = spec.source
+    user_labels = _checked(check_labels, spec.metadata.get("labels"), f"{source}: metadata.labels")
+    user_annotations = _checked(check_annotations, spec.metadata.get("annotations"), f"{source}: metadata.annotations")
     return {"apiVersion": "ray.io/v1", "kind": "RayJob",
-            "metadata": {"name": name, "namespace": spec.namespace, "labels": dict(labels),
-                         "annotations": {RUN_NAME_ANNOTATION: run_name}},
+            "metadata": {"name": name, "namespace": spec.namespace, "labels": {**user_labels, **labels},
+                         "annotations": {**user_annotations, RUN_NAME_ANNOTATION: run_name}},
             "spec": rayjob_spec}
+
+
+class _SpecFileError(ClusterSpecError):
+    """Names a field of the spec file itself (not of the rendered RayJob)."""
+
+
+def _checked(check, value, path):
+    try:
+        return check(value, path)
+    except ClusterSpecError as err:
+        raise _SpecFileError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +275,9 @@ def _check_pods(rayjob: dict) -> int:
                 where = f"{path}.spec.{kind}[{j}]"
                 if not str(container.get("image", "")).strip():
                     raise ClusterSpecError(f"{where}.image: missing container image")
+                problem = image_tag_problem(container["image"])
+                if problem:
+                    raise ClusterSpecError(f"{where}.image={container['image']!r}: {problem}")
                 if (container.get("securityContext") or {}).get("privileged"):
                     raise ClusterSpecError(f"{where}.securityContext.privileged: privileged containers are not allowed")
                 resources = container.get("resources") or {}
@@ -269,9 +336,15 @@ def render_manifests(cfg: Config, spec: ClusterSpec, *, name: str, command: str,
     configmap = render_configmap(resolved, name=k8s_name, namespace=spec.namespace, labels=labels)
     validate_configmap(configmap, what=f"ConfigMap {configmap_name(k8s_name)}")
     what = f"RayJob {k8s_name} (from {spec.source})"
+    if resolved.cluster.image:
+        problem = image_tag_problem(resolved.cluster.image)
+        if problem:
+            raise ClusterSpecError(f"cluster.image={resolved.cluster.image!r} (--image): {problem}")
     try:
         rayjob = render_rayjob(resolved, spec, name=k8s_name, run_name=name, command=command, labels=labels,
                                resume=resume)
+    except _SpecFileError:
+        raise
     except ClusterSpecError as err:
         raise ClusterSpecError(f"{what}: {err}") from None
     validate_rayjob(rayjob, what=what)

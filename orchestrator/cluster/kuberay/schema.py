@@ -119,11 +119,17 @@ _WORKER_GROUP = {
         "scaleStrategy": {"type": "object"}, "suspend": {"type": "boolean"}, "priority": {"type": "integer"},
     },
 }
+# KubeRay's AuthOptions (v1.5.1+): token mode, optionally with the Secret (key auth_token) holding it.
+_AUTH_OPTIONS = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string", "minLength": 1},
+                   "enableK8sTokenAuth": {"type": "boolean"}},
+}
 _RAY_CLUSTER_SPEC = {
     "type": "object", "required": ["rayVersion", "headGroupSpec"], "additionalProperties": False,
     "properties": {
         "rayVersion": {"type": "string", "pattern": r"^[0-9]+\.[0-9]+\.[0-9]+", "description": "a Ray version such as 2.60.0"},
-        "authOptions": {"type": "object"}, "historyServerOptions": {"type": "object"},
+        "authOptions": _AUTH_OPTIONS, "historyServerOptions": {"type": "object"},
         "networkPolicy": {"type": "object"}, "tlsOptions": {"type": "object"}, "upgradeStrategy": {"type": "object"},
         "headGroupSpec": _HEAD_GROUP,
         "workerGroupSpecs": {"type": "array", "items": _WORKER_GROUP},

@@ -2,8 +2,8 @@
 
 No Kubernetes API server can run on the test machines (no container runtime, no etcd), so this
 in-test HTTP server stands in for the endpoints the official kubernetes client calls for a RayJob:
-read the RayJob CRD, create/get/delete namespaced rayjobs, create configmaps, list pods by label and
-read a pod's log. Responses follow the API's shapes (objects, metav1.Status errors with HTTP 404,
+read the RayJob CRD, create/get/delete namespaced rayjobs, create configmaps, read secrets (404 when
+missing, 403 for the ones marked forbidden), list pods by label and read a pod's log. Responses follow the API's shapes (objects, metav1.Status errors with HTTP 404,
 409, ...). RayJob status advances one step per GET through a scripted list, as KubeRay would move it.
 """
 from __future__ import annotations
@@ -32,15 +32,19 @@ class KubeApiServer:
     """State + HTTP front; use as a context manager. ``url`` is the server address for a kubeconfig."""
 
     def __init__(self, *, crd: dict | None, namespaces=("sdo",), crd_readable: bool = True,
-                 script=SUCCEEDED, pod_log: str = "", log_not_ready: int = 0):
+                 script=SUCCEEDED, pod_log: str = "", log_not_ready: int = 0, secrets: dict | None = None,
+                 forbidden_secrets=()):
         self.crd, self.crd_readable, self.namespaces = crd, crd_readable, set(namespaces)
         self.script, self.pod_log = list(script), pod_log
         self.log_not_ready = log_not_ready  # first N log reads fail like a container that is still starting
+        self.secrets = dict(secrets or {})  # name -> {key: base64 value} in namespace "sdo"
+        self.forbidden_secrets = set(forbidden_secrets)
         self.rayjobs: dict[tuple, dict] = {}
         self.configmaps: dict[tuple, dict] = {}
         self.pods: dict[tuple, dict] = {}
         self.gets: dict[tuple, int] = {}
         self.requests: list[tuple[str, str, dict]] = []
+        self.bodies: list[str] = []  # every request body as sent (JSON text)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -68,6 +72,8 @@ class KubeApiServer:
         parts = [p for p in path.split("/") if p]
         with self.lock:
             self.requests.append((method, path, query))
+            if body is not None:
+                self.bodies.append(json.dumps(body))
             if parts[:4] == ["apis", "apiextensions.k8s.io", "v1", "customresourcedefinitions"]:
                 if not self.crd_readable:
                     return 403, status(403, "Forbidden", "customresourcedefinitions is forbidden")
@@ -80,6 +86,14 @@ class KubeApiServer:
                 return self._rayjobs(method, parts[4], parts[6] if len(parts) > 6 else None, body)
             if parts[:2] == ["api", "v1"] and len(parts) >= 5 and parts[2] == "namespaces":
                 namespace, kind = parts[3], parts[4]
+                if kind == "secrets" and method == "GET" and len(parts) == 6:
+                    if parts[5] in self.forbidden_secrets:
+                        return 403, status(403, "Forbidden", f'secrets "{parts[5]}" is forbidden: User "test" cannot '
+                                                             f'get resource "secrets" in the namespace "{namespace}"')
+                    if namespace != "sdo" or parts[5] not in self.secrets:
+                        return 404, status(404, "NotFound", f'secrets "{parts[5]}" not found', {"name": parts[5], "kind": "secrets"})
+                    return 200, {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                 "metadata": {"name": parts[5], "namespace": namespace}, "data": self.secrets[parts[5]]}
                 if kind == "configmaps" and method == "POST":
                     return self._create(self.configmaps, namespace, body, "configmaps")
                 if kind == "pods" and len(parts) == 5:

@@ -84,7 +84,9 @@ def test_example_spec_renders_configmap_and_rayjob(tmp_path):
     assert configmap["metadata"] == {**configmap["metadata"], "name": "r50-rho03-config", "namespace": "sdo"}
 
     spec = rayjob["spec"]
-    assert spec["entrypoint"].split() == ["sdo", "launch", "--config", f"{CONFIG_DIR}/config.yaml", "--name", "r50-rho03"]
+    # backoffLimit 2: a retried attempt continues the run it finds in train.storage_path
+    assert spec["entrypoint"].split() == ["sdo", "launch", "--config", f"{CONFIG_DIR}/config.yaml", "--name", "r50-rho03",
+                                          "--resume-if-exists"]
     assert spec["submissionMode"] == "K8sJobMode"
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] == 120 and spec["backoffLimit"] == 2
@@ -290,7 +292,8 @@ def test_run_names_become_valid_rayjob_names(tmp_path, run_name):
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", k8s_name) and len(k8s_name) <= 47
     assert configmap["metadata"]["name"] == f"{k8s_name}-config"
     # The run keeps its own name (MLflow run, storage folder): only the Kubernetes objects differ.
-    assert rayjob["spec"]["entrypoint"].split()[-2:] == ["--name", run_name]
+    words = rayjob["spec"]["entrypoint"].split()
+    assert words[words.index("--name") + 1] == run_name
     assert rayjob["metadata"]["annotations"]["sdo/run-name"] == run_name
 
 
