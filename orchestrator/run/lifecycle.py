@@ -1,4 +1,4 @@
-"""Open a run (its directory and its MLflow run, new or resumed) and find its identity again.
+"""Start a run: preflight, then open its directory and its MLflow run (new or resumed).
 
 The MLflow run is created here, by the driver, before any worker starts; workers only attach to it
 by id, so a restarted worker group never creates a second run. Finishing a run is
@@ -13,7 +13,7 @@ import yaml
 from orchestrator.config import Config, ConfigError, to_dict
 from orchestrator.run import tracking
 from orchestrator.run.directory import RunExistsError, read_run_state, run_dir, write_run_state
-from orchestrator.run.preflight import resolve
+from orchestrator.run.preflight import preflight
 
 
 def claim_directory(directory: Path, *, what: str, name: str, uri: str, resume: bool, state: dict | None,
@@ -61,7 +61,9 @@ def open_run(cfg: Config, *, name: str, resume: bool = False, parent_run_id: str
     return state
 
 
-def run_info(cfg: Config, name: str, storage_path: str | None = None) -> dict | None:
-    """The run's identity written by :func:`open_run` (run_dir, tracking_uri, experiment_id,
-    mlflow_run_id, run_url), or None when there is no such run."""
-    return read_run_state(run_dir(resolve(cfg, storage_path), name))
+def start(cfg: Config, *, name: str, resume: bool = False, storage_path: str | None = None,
+          parent_run_id: str | None = None) -> tuple[Config, dict]:
+    """Preflight, then open the run -> (the resolved config, the run's identity: name, run_dir,
+    tracking_uri, experiment_id, mlflow_run_id, run_url)."""
+    resolved = preflight(cfg, name=name, resume=resume, storage_path=storage_path)
+    return resolved, open_run(resolved, name=name, resume=resume, parent_run_id=parent_run_id)

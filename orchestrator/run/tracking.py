@@ -27,6 +27,12 @@ from orchestrator.run.directory import storage_root
 
 log = logging.getLogger(__name__)
 
+# Every call to an MLflow server is bounded: connect + read timeout and a few retries with backoff
+# (MLflow's own settings; set before Ray starts, so the workers inherit them). A user's values win.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
+
 UI_PORT = 5000
 WORKER_GROUP_STARTS = "sdo.worker_group_starts"
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call

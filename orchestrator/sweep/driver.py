@@ -30,7 +30,7 @@ from orchestrator.config import (
     get_value,
     to_dict,
 )
-from orchestrator.run import tracking
+from orchestrator.run import checkpoints, tracking
 from orchestrator.run.directory import check_name, read_run_state, run_dir, storage_root, write_json_atomic
 from orchestrator.run.lifecycle import claim_directory
 from orchestrator.run.preflight import resolve
@@ -364,6 +364,9 @@ def run_sweep(cfg: Config, *, name: str, resume: bool = False, trainable: Callab
         tracking.set_status(state["tracking_uri"], state["mlflow_run_id"], "FAILED")
         raise
     interrupted = any(r["status"] not in TERMINAL for r in rows)
+    if interrupted:  # trials stopped by the interrupt may have left a checkpoint Ray had not registered
+        for trial_dir in (directory / "trials").glob("*"):
+            checkpoints.remove_unregistered(trial_dir)
     report = build_report(rows, budget=budget(cfg), metric=cfg.sweep.metric, mode=cfg.sweep.mode,
                           flops_size=flops_size(cfg))
     _finish_child_runs(state, rows, report["best"])

@@ -18,8 +18,7 @@ from orchestrator.config import Config, to_dict
 from orchestrator.run import checkpoints, tracking
 from orchestrator.run.directory import clear_stop, stop_requested
 from orchestrator.run.failures import RunInterrupted
-from orchestrator.run.lifecycle import open_run, run_info
-from orchestrator.run.preflight import preflight, resolve
+from orchestrator.run.lifecycle import start
 from orchestrator.train.evaluation import AP_KEYS
 from orchestrator.train.faults import SdoTorchTrainer, worker_error
 from orchestrator.train.worker import train_loop_per_worker
@@ -27,15 +26,13 @@ from orchestrator.train.worker import train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
-def make_trainer(cfg: Config, *, name: str, storage_path: str | None = None, extra_callbacks: Iterable = (),
-                 mlflow_parent_run_id: str | None = None, resume: bool = False) -> SdoTorchTrainer:
-    """A TorchTrainer for ``cfg`` whose MLflow run already exists (created here, or found with ``resume``).
+def make_trainer(cfg: Config, run: dict, *, extra_callbacks: Iterable = ()) -> SdoTorchTrainer:
+    """A TorchTrainer for the resolved ``cfg`` of the opened ``run`` (orchestrator.run.lifecycle.start).
 
     Ray Train restores from ``<storage_path>/<name>`` by itself when that run has checkpoints, so
-    a resumed trainer starts from the latest one. The run info is in ``<run dir>/sdo_run.json``.
+    a resumed trainer starts from the latest one.
     """
-    cfg = preflight(cfg, name=name, resume=resume, storage_path=storage_path)
-    run = open_run(cfg, name=name, resume=resume, parent_run_id=mlflow_parent_run_id)
+    name = run["name"]
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return SdoTorchTrainer(
@@ -106,10 +103,8 @@ def run_training(cfg: Config, *, name: str, resume: bool = False, storage_path: 
     is re-raised as the worker's own error when a worker failed (so its type says bad input or not);
     KILLED on Ctrl-C, which raises RunInterrupted once the run has stopped at a checkpoint.
     """
-    trainer = make_trainer(cfg, name=name, storage_path=storage_path, extra_callbacks=extra_callbacks, resume=resume,
-                           mlflow_parent_run_id=mlflow_parent_run_id)
-    resolved = resolve(cfg, storage_path)
-    run = run_info(cfg, name, storage_path)
+    resolved, run = start(cfg, name=name, resume=resume, storage_path=storage_path, parent_run_id=mlflow_parent_run_id)
+    trainer = make_trainer(resolved, run, extra_callbacks=extra_callbacks)
     run_dir = Path(run["run_dir"])
     try:
         result = trainer.fit()

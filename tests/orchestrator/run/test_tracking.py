@@ -185,3 +185,28 @@ def test_sdo_ui_leaves_no_process_behind(cfg, stop):
             break
         time.sleep(0.5)
     assert alive == [], [psutil.Process(pid).cmdline() for pid in alive if psutil.pid_exists(pid)]
+
+
+def test_a_black_hole_tracking_server_is_refused_in_seconds_before_anything_starts(tmp_path):
+    """A server that accepts connections and never answers: `sdo launch` exits 2 naming it, within seconds."""
+    import socket
+    import sys
+
+    from train_helpers import make_shards, tiny_config
+
+    shards = make_shards(tmp_path, num_train=4, num_val=2, size=64)
+    path, _ = tiny_config(tmp_path / "t.yaml", shards, tmp_path / "runs")
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)  # the kernel completes the handshakes; nothing ever reads or answers
+        uri = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", "--config", str(path),
+                               "--name", "hole", "--set", f"tracking.uri={uri}"], capture_output=True, text=True,
+                              timeout=120, check=False)
+        seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sdo: error: MLflow tracking server {uri} is unreachable (")
+    assert seconds < 60
+    assert not (tmp_path / "runs" / "hole").exists()  # nothing was written for the run
