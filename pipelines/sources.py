@@ -71,6 +71,14 @@ def _load_index(location: str) -> dict:
     return index
 
 
+def max_category_id(index: dict) -> int | None:
+    """The largest category id a shard index declares (indexes older than `max_category_id` list categories)."""
+    if isinstance(index.get("max_category_id"), int):
+        return index["max_category_id"]
+    ids = [c["id"] for c in index.get("categories", []) if isinstance(c, dict) and isinstance(c.get("id"), int)]
+    return max(ids, default=None)
+
+
 def resolve(source) -> ShardSet:
     """Index and shard list of `source` (see the module docstring). Raises for a missing/bad index."""
     source = os.fspath(source)
