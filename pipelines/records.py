@@ -13,39 +13,43 @@ from pipelines.coco_fields import clean_box, is_int, is_number
 RECORD_FIELDS = ("id", "file_name", "width", "height")
 
 
+class RecordError(ValueError):
+    """A sample's json is not a usable image record (the message names the field)."""
+
+
 def _check_annotation(ann, width: int, height: int) -> dict:
     if not isinstance(ann, dict):
-        raise ValueError(f"annotation is not an object: {ann!r}"[:200])
+        raise RecordError(f"annotation is not an object: {ann!r}"[:200])
     for field in ("id", "category_id"):
         if not is_int(ann.get(field)):
-            raise ValueError(f"annotation {ann.get('id')!r}: {field} {ann.get(field)!r} is not an integer")
+            raise RecordError(f"annotation {ann.get('id')!r}: {field} {ann.get(field)!r} is not an integer")
     iscrowd = ann.get("iscrowd", 0)
     if not is_int(iscrowd) or iscrowd not in (0, 1):
-        raise ValueError(f"annotation {ann['id']}: iscrowd {iscrowd!r} is not 0 or 1")
+        raise RecordError(f"annotation {ann['id']}: iscrowd {iscrowd!r} is not 0 or 1")
     box, reason = clean_box(ann.get("bbox"), width, height)
     if box is None:
-        raise ValueError(f"annotation {ann['id']}: bbox {ann.get('bbox')!r} is unusable ({reason})")
+        raise RecordError(f"annotation {ann['id']}: bbox {ann.get('bbox')!r} is unusable ({reason})")
     area = ann.get("area", box[2] * box[3])
     if not is_number(area) or area < 0:
-        raise ValueError(f"annotation {ann['id']}: area {area!r} is not a number >= 0")
+        raise RecordError(f"annotation {ann['id']}: area {area!r} is not a number >= 0")
     return {"id": ann["id"], "category_id": ann["category_id"], "bbox": [float(v) for v in ann["bbox"]],
             "area": float(area), "iscrowd": iscrowd}
 
 
 def parse_record(raw: bytes | str) -> dict:
     """A sample's json bytes -> {id, file_name, width, height, annotations: [{id, category_id, bbox
-    [x, y, w, h], area, iscrowd}]}. Raises ValueError naming the field for anything malformed."""
+    [x, y, w, h], area, iscrowd}]}. Raises RecordError (a ValueError) naming the field for anything malformed."""
     record = json.loads(raw)
     if not isinstance(record, dict):
-        raise ValueError("sample json is not an object")
+        raise RecordError("sample json is not an object")
     if not is_int(record.get("id")) or record["id"] < 0:
-        raise ValueError(f"image id {record.get('id')!r} is not an integer >= 0")
+        raise RecordError(f"image id {record.get('id')!r} is not an integer >= 0")
     width, height = record.get("width"), record.get("height")
     if not (is_int(width) and is_int(height)) or width <= 0 or height <= 0:
-        raise ValueError(f"image {record['id']}: width/height {width!r}x{height!r} are not positive integers")
+        raise RecordError(f"image {record['id']}: width/height {width!r}x{height!r} are not positive integers")
     annotations = record.get("annotations", [])
     if not isinstance(annotations, list):
-        raise ValueError(f"image {record['id']}: annotations is not a list")
+        raise RecordError(f"image {record['id']}: annotations is not a list")
     return {"id": record["id"], "file_name": str(record.get("file_name", "")), "width": width, "height": height,
             "annotations": [_check_annotation(ann, width, height) for ann in annotations]}
 

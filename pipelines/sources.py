@@ -95,6 +95,8 @@ def resolve(source) -> ShardSet:
             folder = os.path.dirname(source)
             shards = tuple(Shard(os.path.join(folder, s["name"]), int(s["count"])) for s in index["shards"])
         return ShardSet(index, shards)
+    if not _is_url(source) and "{" not in source and not os.path.exists(source):
+        raise FileNotFoundError(f"data source {source} does not exist (run `sdo data shard` first)")
     urls = list(braceexpand.braceexpand(source))
     if not urls or not all(url.endswith(".tar") for url in urls):
         raise ShardIndexError(f"data source {source!r} is neither a shard directory, an index.json nor .tar shards")

@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+import tarfile
 
 import pytest
 from click.testing import CliRunner
@@ -151,6 +152,13 @@ def test_every_malformed_field_is_a_counted_skip(coco, tmp_path):
     assert any("'yes'" in example for example in report["examples"]["bad_iscrowd"])
     assert report["max_category_id"] == max(c["id"] for c in report["categories"])
     assert sum(s["annotations"] for s in report["shards"]) == report["num_annotations"]
+    index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
+    assert index["shards"] == report["shards"] and index["max_category_id"] == 5
+    with tarfile.open(tmp_path / "out" / report["shards"][0]["name"]) as tar:
+        anns = [a for m in tar.getmembers() if m.name.endswith(".json")
+                for a in json.loads(tar.extractfile(m).read())["annotations"]]
+    assert {a["id"] for a in anns} >= set(kept_ids)  # polygon, crowd RLE, and the one without area/iscrowd
+    assert [a["iscrowd"] for a in anns if a["id"] == kept_ids[1]] == [1]
 
 
 def test_cli_malformed_fields_exit_0_with_the_reasons(coco, tmp_path):
