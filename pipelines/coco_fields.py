@@ -11,12 +11,13 @@ from pathlib import PurePosixPath
 
 
 def is_int(value) -> bool:
-    """A JSON integer (bool is an int subclass in Python but `true` is no id)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A JSON integer (bool is an int subclass in Python but `true` is no id; json never makes subclasses)."""
+    return type(value) is int
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    kind = type(value)
+    return kind is int or (kind is float and math.isfinite(value))
 
 
 def is_safe_relative(file_name: str) -> bool:
@@ -61,7 +62,14 @@ def clean_box(bbox, width: int, height: int) -> tuple[list[float] | None, str | 
 
 
 def _is_polygon(points) -> bool:
-    return isinstance(points, list) and len(points) % 2 == 0 and all(is_number(v) for v in points)
+    """A flat list of an even number of finite numbers (one C-speed sum instead of a check per value:
+    COCO polygons hold dozens of coordinates, ~10 million over train2017)."""
+    if not isinstance(points, list) or len(points) % 2:
+        return False
+    try:
+        return math.isfinite(math.fsum(points))
+    except (TypeError, ValueError, OverflowError):  # a non-number, or inf - inf
+        return False
 
 
 def segmentation_ok(segmentation) -> bool:

@@ -120,6 +120,10 @@ def _select_images(coco: dict, problems: _Problems) -> list[dict]:
     return images
 
 
+def _culprit(ann: dict) -> str:
+    return f"annotation {ann['id']} (image {ann['image_id']})"
+
+
 def _group_annotations(coco: dict, images: list[dict], problems: _Problems) -> dict[int, list[str]]:
     """Valid annotations per image id, each as compact JSON text (far smaller than dicts in RAM)."""
     sizes = {image["id"]: (image["width"], image["height"]) for image in images}
@@ -136,16 +140,19 @@ def _group_annotations(coco: dict, images: list[dict], problems: _Problems) -> d
         if not is_int(ann.get("image_id")):
             problems.skip("bad_annotation_image_id", f"annotation {ann['id']}: image_id {ann.get('image_id')!r}")
             continue
-        culprit = f"annotation {ann['id']} (image {ann['image_id']})"
         if ann["id"] in seen:
-            problems.skip("duplicate_annotation_id", culprit)
+            problems.skip("duplicate_annotation_id", _culprit(ann))
             continue
         seen.add(ann["id"])
         if ann["image_id"] not in sizes:
             reason = "annotation_of_skipped_image" if ann["image_id"] in known_ids else "annotation_unknown_image"
-            problems.skip(reason, culprit)
+            problems.skip(reason, _culprit(ann))
             continue
         clean, reason, fixes = check_annotation_fields(ann, categories, *sizes[ann["image_id"]])
+        if clean is not None and not fixes:
+            by_image[ann["image_id"]].append(json.dumps(clean, sort_keys=True))
+            continue
+        culprit = _culprit(ann)
         if clean is None:
             field = {"bad_category_id": "category_id", "unknown_category": "category_id", "bad_iscrowd": "iscrowd",
                      "bad_area": "area", "bad_segmentation": "segmentation"}.get(reason, "bbox")
@@ -156,6 +163,16 @@ def _group_annotations(coco: dict, images: list[dict], problems: _Problems) -> d
                          else culprit)
         by_image[ann["image_id"]].append(json.dumps(clean, sort_keys=True))
     return by_image
+
+
+_CROWD = '"iscrowd": 1'  # how json.dumps writes a clean crowd annotation
+
+
+def _sample_json(record: dict, annotation_texts: list[str]) -> bytes:
+    """json.dumps(dict(record, annotations=[...]), sort_keys=True), joined from the annotations' own
+    texts ("annotations" sorts first) instead of parsing them back."""
+    head = json.dumps(record, sort_keys=True)
+    return ('{"annotations": [' + ", ".join(annotation_texts) + "], " + head[1:]).encode()
 
 
 def _read_image(path: Path, record: dict, problems: _Problems):
@@ -371,14 +388,13 @@ def write_shards(images_dir, annotations_file, out_dir, shard_size: int | None =
                 continue
             data, ext = loaded
             key = f"{record['id']:012d}"
-            anns = [json.loads(text) for text in texts]
-            sample_json = json.dumps(dict(record, annotations=anns), sort_keys=True).encode()
-            writer.add(key, {ext: data, "json": sample_json}, len(anns))
+            sample_json = _sample_json(record, texts)
+            writer.add(key, {ext: data, "json": sample_json}, len(texts))
             digest.update(key.encode())
             digest.update(data)
             num_samples += 1
-            num_annotations += len(anns)
-            num_crowd += sum(a["iscrowd"] for a in anns)
+            num_annotations += len(texts)
+            num_crowd += sum(_CROWD in text for text in texts)
         if num_samples == 0:
             raise DataError(f"no usable image in {annotations_file} (skipped: {skip_summary(problems.skipped)})")
         shards = writer.finish()
