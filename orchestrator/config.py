@@ -96,6 +96,7 @@ class DataConfig:
     max_size: int = doc("longest side after resize", 1333)
     val_scale: int = doc("shorter side at evaluation", 800)
     random_crop: bool = doc("DETR's random-size crop branch during training", True)
+    max_skip_fraction: float = doc("share of an epoch's samples (per split, all ranks) that may be lost to corrupt data or index mismatches before the run fails", 0.01)
 
 
 @dataclass
@@ -419,6 +420,8 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.loss, f.name)
         _check(value >= 0, f"loss.{f.name}", value, "must be >= 0")
     _check(0 < cfg.loss.focal_alpha < 1, "loss.focal_alpha", cfg.loss.focal_alpha, "must be in (0, 1)")
+    _check(0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", cfg.data.max_skip_fraction,
+           "must be in [0, 1]")
     d = cfg.data
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")

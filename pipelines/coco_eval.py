@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import copy
 import io
-import json
 import logging
 import warnings
 
@@ -16,6 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 from pipelines.errors import DataError
 from pipelines.loader import CorruptSampleWarning
+from pipelines.records import parse_record, records_to_coco
 from pipelines.sources import resolve
 
 log = logging.getLogger(__name__)
@@ -31,24 +30,23 @@ def _warn_and_continue(exn) -> bool:
 def ground_truth(source) -> dict:
     """COCO-format dict {images, annotations, categories} read from the shards' json members.
 
-    `source` is anything `make_loader` accepts; image bytes are not loaded. Every annotation gets
-    its `image_id`; an image id seen twice keeps its first record.
+    `source` is anything `make_loader` accepts; image bytes are not loaded. Each json member goes
+    through the loader's parser (`pipelines.records.parse_record`); one it rejects is skipped with
+    a CorruptSampleWarning, as the loader skips it. During training, ground truth comes from the
+    val loader itself (`ShardLoader.ground_truth()`), which also drops samples whose image is
+    unreadable. An image id seen twice keeps its first record.
     """
     shard_set = resolve(source)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([shard.url for shard in shard_set.shards]),
         wds.tarfile_to_samples(handler=_warn_and_continue, select_files=lambda name: name.endswith(".json")))
-    images, annotations, seen = [], [], set()
+    records = []
     for sample in pipeline:
-        record = json.loads(sample["json"])
-        if record["id"] in seen:
-            continue
-        seen.add(record["id"])
-        images.append({k: record[k] for k in ("id", "file_name", "width", "height")})
-        for ann in record.get("annotations", []):
-            annotations.append(dict(ann, image_id=record["id"]))
-    images.sort(key=lambda image: image["id"])
-    return {"images": images, "annotations": annotations, "categories": copy.deepcopy(shard_set.index["categories"])}
+        try:
+            records.append(parse_record(sample["json"]))
+        except (KeyError, ValueError) as err:
+            _warn_and_continue(ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: {err}"))
+    return records_to_coco(records, shard_set.index["categories"])
 
 
 def to_coco_predictions(results, image_ids) -> list[dict]:

@@ -11,3 +11,11 @@ class AnnotationFormatError(DataError):
 
 class ShardIndexError(DataError):
     """A shard directory / URL has no usable index.json, or the index does not match the shards."""
+
+
+class InputOverlapError(DataError):
+    """An output path would equal, contain or lie inside an input (inputs are never modified)."""
+
+
+class SkipBudgetError(DataError):
+    """More data was skipped than the allowed fraction (the message carries the skip summary)."""

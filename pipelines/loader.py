@@ -20,11 +20,17 @@ Split policy (explicit `rank` / `world_size`, never torch.distributed globals):
 - A truncated/corrupt tar or sample is skipped with a warning and counted in `loader.stats`
   (tar_errors, corrupt_samples, incomplete_samples, missing_samples = expected by the index but
   not delivered; padding replaces them at evaluation, an extra pass at training).
+- The index is verified: every shard read to its end in an epoch's first pass (evaluation reads
+  all of them; training those it finishes before its quota) has its samples counted and compared
+  with the index; `index_mismatch` counts the samples of difference, `index_mismatch_shards` the
+  shards (each shard is checked by one worker only). `epoch_skips()` gives one epoch's counts and
+  `check_skip_budget` turns them into a SkipBudgetError over a fraction of the expected samples.
+- Every sample's json goes through `pipelines.records.parse_record`; an evaluation loader keeps
+  the parsed records it yielded, so `ground_truth()` is exactly the data the predictions are on.
 """
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 import warnings
@@ -36,7 +42,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.errors import DataError
+from pipelines.errors import DataError, SkipBudgetError
+from pipelines.records import parse_record, records_to_coco
 from pipelines.sources import Shard, resolve
 from pipelines.transforms import (
     DEFAULT_SCALES,
@@ -52,6 +59,9 @@ except ImportError:
 
 PAD_IMAGE_ID = -1
 IMAGE_KEYS = ("jpg", "jpeg", "png")
+STAT_KEYS = ("tar_errors", "corrupt_samples", "incomplete_samples", "missing_samples", "index_mismatch",
+             "index_mismatch_shards")
+SKIP_KEYS = ("corrupt_samples", "incomplete_samples", "index_mismatch")  # samples lost (the skip budget)
 
 
 class CorruptSampleWarning(UserWarning):
@@ -63,9 +73,15 @@ class IncompleteSample(ValueError):
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded image bytes -> PIL RGB image (simplejpeg when installed, else PIL/libjpeg-turbo)."""
+    """Encoded image bytes -> PIL RGB image (simplejpeg when installed, else PIL/libjpeg-turbo).
+
+    Grayscale, CMYK and palette images become RGB; EXIF orientation is ignored, as in the official
+    loader (COCO boxes refer to the stored pixels). PNG bytes behind a .jpg name decode as PNG."""
     if simplejpeg is not None and data[:2] == b"\xff\xd8":
-        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        try:
+            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        except (ValueError, RuntimeError):  # e.g. CMYK, which libjpeg-turbo cannot turn into RGB; PIL can
+            pass
     image = Image.open(io.BytesIO(data))
     image.load()
     return image if image.mode == "RGB" else image.convert("RGB")
@@ -109,6 +125,7 @@ class WorkerPlan:
     slot: tuple[int, int] | None  # (slots, my slot) for sample-level splitting, None = whole shards
     num_samples: int  # samples the index promises this worker
     quota: int = 0  # batches it yields
+    verify: dict[str, int] | None = None  # url -> index count of the shards this worker checks
 
 
 def _balance(shards: list[Shard], bins: int) -> list[list[Shard]]:
@@ -143,7 +160,8 @@ def plan_epoch(shards, *, world_size: int, workers: int, train: bool, batch_size
         random.Random(f"shards-{seed}-{epoch}").shuffle(shards)
     total = sum(s.count for s in shards)
     if len(shards) >= world_size * workers:
-        plans = [[WorkerPlan([s.url for s in group], None, sum(s.count for s in group))
+        plans = [[WorkerPlan([s.url for s in group], None, sum(s.count for s in group),
+                             verify={s.url: s.count for s in group})
                   for group in _balance(rank_shards, workers)]
                  for rank_shards in _balance(shards, world_size)]
     else:
@@ -152,6 +170,7 @@ def plan_epoch(shards, *, world_size: int, workers: int, train: bool, batch_size
         urls = [s.url for s in shards]
         plans = [[WorkerPlan(urls, (slots, w * world_size + r), total // slots + (w * world_size + r < total % slots))
                   for w in range(workers)] for r in range(world_size)]
+        plans[0][0].verify = {s.url: s.count for s in shards}  # everyone reads every shard; one checks them
     if train:
         num_batches = total // (world_size * batch_size)
         if num_batches == 0:
@@ -172,6 +191,23 @@ def plan_epoch(shards, *, world_size: int, workers: int, train: bool, batch_size
         fullest = max(rank_plans, key=lambda p: p.num_samples)
         fullest.quota += num_batches - sum(p.quota for p in rank_plans)
     return plans, num_batches
+
+
+def _count_per_shard(samples, counts: dict):
+    """Pass samples through; counts[url] = samples of each shard the stream finished (a shard is
+    finished when the next one starts, or at the natural end of the stream: counts[None] = True)."""
+    current, seen = None, 0
+    for sample in samples:
+        url = sample.get("__url__")
+        if url != current:
+            if current is not None:
+                counts[current] = counts.get(current, 0) + seen
+            current, seen = url, 0
+        seen += 1
+        yield sample
+    if current is not None:
+        counts[current] = counts.get(current, 0) + seen
+    counts[None] = True
 
 
 def _select_slot(samples, slot):
@@ -209,23 +245,40 @@ class EpochDataset(IterableDataset):
             raise IncompleteSample(f"sample {sample.get('__key__')} in {sample.get('__url__')} "
                                    f"has keys {sorted(k for k in sample if not k.startswith('__'))}")
         try:
-            record = json.loads(sample["json"])
+            record = parse_record(sample["json"])
             image = decode_image(sample[image_key])
-            target = prepare_target(record, record.get("annotations", []))
+            target = prepare_target(record, record["annotations"])
         except Exception as err:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')}: {err!r}") from err
         if image.size != (record["width"], record["height"]):
             raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')}: image is "
                              f"{image.size}, record says {record['width']}x{record['height']}")
-        return self.transforms(image, target, rng)
+        image, target = self.transforms(image, target, rng)
+        return image, target, (None if self.train else record)
 
-    def _samples(self, plan: WorkerPlan, worker: int, pass_index: int):
-        """(image, target) of one pass over the worker's shards."""
+    def _verify(self, plan: WorkerPlan, counts: dict) -> None:
+        """Compare the samples read per finished shard with the index (see module docstring)."""
+        finished = counts.pop(None, False)
+        for url, expected in plan.verify.items():
+            if url not in counts and not finished:
+                continue  # not read to its end (training stopped at its quota)
+            read = counts.get(url, 0)
+            if read != expected:
+                self.stats["index_mismatch"] += abs(read - expected)
+                self.stats["index_mismatch_shards"] += 1
+                warnings.warn(f"shard {url} holds {read} readable samples, its index says {expected}",
+                              CorruptSampleWarning, stacklevel=2)
+
+    def _samples(self, plan: WorkerPlan, worker: int, pass_index: int, counts: dict | None = None):
+        """(image, target, record or None) of one pass over the worker's shards; `counts` (when
+        given) receives the samples read per finished shard."""
         tag = f"{self.seed}-{self.epoch}-{self.rank}-{worker}-{pass_index}"
         urls = list(plan.urls)
         if self.train and pass_index > 0 and plan.slot is None:
             random.Random(f"reshuffle-{tag}").shuffle(urls)
         stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=self._on_tar_error)]
+        if counts is not None:
+            stages.append(lambda samples: _count_per_shard(samples, counts))
         if plan.slot is not None:
             stages.append(lambda samples: _select_slot(samples, plan.slot))
         if self.train and self.shuffle_buffer > 0:
@@ -241,11 +294,15 @@ class EpochDataset(IterableDataset):
         produced, pass_index, last = 0, 0, None
         while produced < needed:
             got = 0
-            for sample in self._samples(plan, worker, pass_index):
-                yield sample
-                last, got, produced = sample, got + 1, produced + 1
-                if produced == needed:
-                    break
+            counts = {} if pass_index == 0 and plan.verify else None
+            for sample in self._samples(plan, worker, pass_index, counts):
+                if produced < needed:
+                    yield sample
+                    last, got, produced = sample, got + 1, produced + 1
+                if produced == needed and self.train:
+                    break  # evaluation reads on to the end, so that every shard is checked
+            if counts is not None:
+                self._verify(plan, counts)
             if pass_index == 0 and got < min(plan.num_samples, needed):
                 self.stats["missing_samples"] += min(plan.num_samples, needed) - got
             if not self.train or got == 0:
@@ -253,13 +310,15 @@ class EpochDataset(IterableDataset):
             pass_index += 1
         if produced < needed and last is None:
             raise DataError(f"no readable sample in {len(plan.urls)} shard(s) starting with {plan.urls[:1]}")
-        image, target = last
+        image, target, _ = last
         pad_target = dict(target, image_id=PAD_IMAGE_ID, boxes=target["boxes"][:0], labels=target["labels"][:0],
                           area=target["area"][:0], iscrowd=target["iscrowd"][:0])
         for _ in range(needed - produced):
-            yield image, pad_target
+            yield image, pad_target, None
 
     def __iter__(self):
+        """(batch, worker id, stats so far, records of the batch's real samples); a last item with
+        batch None carries the worker's final stats (counted after its last batch)."""
         info = get_worker_info()
         worker = info.id if info is not None else 0
         plan = self.plans[worker]
@@ -269,8 +328,10 @@ class EpochDataset(IterableDataset):
         for sample in self._stream(plan, worker):
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield collate(batch), worker, dict(self.stats)
+                records = [record for _, _, record in batch if record is not None]
+                yield collate([(image, target) for image, target, _ in batch]), worker, dict(self.stats), records
                 batch = []
+        yield None, worker, dict(self.stats), []
 
 
 def _as_is(item):
@@ -304,7 +365,9 @@ class ShardLoader:
         self.transforms = make_transforms(train, scales=tuple(scales), max_size=max_size, val_scale=val_scale,
                                           random_crop=random_crop)
         self.epoch = 0
-        self._stats_total = Counter()
+        self._stats_total, self._stats_epoch = Counter(), Counter()
+        self._records: list[dict] = []
+        self._expected = 0
         _, self._num_batches = self._plan(0)
 
     @property
@@ -318,6 +381,19 @@ class ShardLoader:
     @property
     def stats(self) -> dict:
         return dict(self._stats_total)
+
+    def epoch_skips(self) -> dict[str, int]:
+        """Counts of the latest iteration (STAT_KEYS, zeros included) and `expected`, the samples
+        the index promised this rank: the same keys on every rank, ready for an all-reduce."""
+        return {**{key: int(self._stats_epoch.get(key, 0)) for key in STAT_KEYS}, "expected": self._expected}
+
+    def ground_truth_records(self) -> list[dict]:
+        """Parsed records of the real samples the latest (evaluation) iteration yielded on this rank."""
+        return list(self._records)
+
+    def ground_truth(self) -> dict:
+        """COCO ground truth of what the latest evaluation iteration yielded on this rank."""
+        return records_to_coco(self._records, self.index["categories"])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -335,13 +411,34 @@ class ShardLoader:
                                shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
         latest = {}
+        self._records, self._stats_epoch = [], Counter()
+        self._expected = sum(plan.num_samples for plan in plans[self.rank])
         try:
-            for batch, worker, stats in loader:
+            for batch, worker, stats, records in loader:
                 latest[worker] = stats
-                yield batch
+                self._records.extend(records)
+                if batch is not None:
+                    yield batch
         finally:
             for stats in latest.values():
-                self._stats_total.update(stats)
+                self._stats_epoch.update(stats)
+            self._stats_total.update(self._stats_epoch)
+
+
+def skip_fraction(counts: dict) -> float:
+    """Share of the expected samples that were lost: (corrupt + incomplete + index mismatch) / expected."""
+    return sum(counts.get(key, 0) for key in SKIP_KEYS) / max(counts.get("expected", 0), 1)
+
+
+def check_skip_budget(counts: dict, max_fraction: float, what: str) -> None:
+    """Raise SkipBudgetError naming `what` (e.g. "data.val_shards='...'") when epoch_skips()-style
+    `counts` (possibly summed over ranks) lose more than `max_fraction` of the expected samples."""
+    fraction = skip_fraction(counts)
+    if fraction > max_fraction:
+        detail = ", ".join(f"{key} {int(counts[key])}" for key in STAT_KEYS if counts.get(key))
+        raise SkipBudgetError(f"{what}: {int(sum(counts.get(k, 0) for k in SKIP_KEYS))} of {int(counts['expected'])} "
+                              f"samples lost this epoch ({fraction:.1%} > data.max_skip_fraction {max_fraction:g}): "
+                              f"{detail}")
 
 
 def make_loader(source, *, train: bool, batch_size: int, num_workers: int = 0, rank: int = 0,

@@ -38,3 +38,30 @@ def swap_in(stage: Path, out: Path) -> None:
     os.replace(stage, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _resolved(path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_apart_from_inputs(out_dir, *, images_dir, annotations_file) -> None:
+    """Refuse an output folder that could touch the inputs, before anything is written.
+
+    `out_dir` may not equal, contain or lie inside `images_dir`, nor contain `annotations_file`
+    (symlinks resolved). Raises InputOverlapError naming both paths.
+    """
+    from pipelines.errors import InputOverlapError
+
+    out, images, annotations = _resolved(out_dir), _resolved(images_dir), _resolved(annotations_file)
+    if out == images:
+        raise InputOverlapError(f"--out {out_dir} is the image folder --images {images_dir}; "
+                                "write shards to a folder outside the inputs")
+    if images in out.parents:
+        raise InputOverlapError(f"--out {out_dir} lies inside the image folder --images {images_dir}; "
+                                "write shards to a folder outside the inputs")
+    if out in images.parents:
+        raise InputOverlapError(f"--out {out_dir} contains the image folder --images {images_dir}; "
+                                "write shards to a folder outside the inputs")
+    if out in annotations.parents:
+        raise InputOverlapError(f"--out {out_dir} holds the annotation file --annotations {annotations_file}; "
+                                "write shards to a folder outside the inputs")

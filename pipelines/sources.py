@@ -71,6 +71,14 @@ def _load_index(location: str) -> dict:
     return index
 
 
+def max_category_id(index: dict) -> int | None:
+    """The largest category id a shard index declares (indexes older than `max_category_id` list categories)."""
+    if isinstance(index.get("max_category_id"), int):
+        return index["max_category_id"]
+    ids = [c["id"] for c in index.get("categories", []) if isinstance(c, dict) and isinstance(c.get("id"), int)]
+    return max(ids, default=None)
+
+
 def resolve(source) -> ShardSet:
     """Index and shard list of `source` (see the module docstring). Raises for a missing/bad index."""
     source = os.fspath(source)
@@ -87,6 +95,8 @@ def resolve(source) -> ShardSet:
             folder = os.path.dirname(source)
             shards = tuple(Shard(os.path.join(folder, s["name"]), int(s["count"])) for s in index["shards"])
         return ShardSet(index, shards)
+    if not _is_url(source) and "{" not in source and not os.path.exists(source):
+        raise FileNotFoundError(f"data source {source} does not exist (run `sdo data shard` first)")
     urls = list(braceexpand.braceexpand(source))
     if not urls or not all(url.endswith(".tar") for url in urls):
         raise ShardIndexError(f"data source {source!r} is neither a shard directory, an index.json nor .tar shards")

@@ -39,22 +39,29 @@ def synth(out_dir, num_train, num_val, size, seed, overwrite) -> None:
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Samples per shard (default 1000 when --max-bytes is not given).")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=None, help="Largest shard file size in bytes.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--max-skip-fraction", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True,
+              help="Largest share of image records or annotations that may be skipped; over it the shards stay "
+                   "in OUT/unpublished-*/ and no index.json is published (exit 2).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the shards of an earlier `sdo data shard` in OUT (only files its index.json lists).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report (index.json) as JSON.")
-def shard(images_dir, annotations_file, out_dir, shard_size, max_bytes, overwrite, no_progress, as_json) -> None:
+def shard(images_dir, annotations_file, out_dir, shard_size, max_bytes, max_skip_fraction, overwrite, no_progress,
+          as_json) -> None:
     """Convert a COCO folder into WebDataset shards; bad items are counted and reported, never kept."""
     from pipelines.shard import write_shards
 
     report = write_shards(images_dir, annotations_file, out_dir, shard_size=shard_size, max_bytes=max_bytes,
-                          overwrite=overwrite, progress=not no_progress)
+                          overwrite=overwrite, progress=not no_progress, max_skip_fraction=max_skip_fraction)
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
     total_bytes = sum(s["bytes"] for s in report["shards"])
     click.echo(f"{report['num_samples']} images, {report['num_annotations']} boxes -> {len(report['shards'])} "
                f"shards ({total_bytes / 2**20:.1f} MiB) in {report['out_dir']}")
-    click.echo(f"source sha256 {report['source']['sha256'][:16]}")
+    click.echo(f"source sha256 {report['source']['sha256'][:16]}; categories {len(report['categories'])} "
+               f"(largest id {report['max_category_id']}); {report['num_crowd']} crowd regions; "
+               f"skipped {report['skip_fraction']:.1%} (limit {report['max_skip_fraction']:.1%})")
     for title, counts in (("skipped", report["skipped"]), ("fixed", report["fixed"])):
         for reason, count in counts.items():
             examples = "; ".join(report["examples"].get(reason, [])[:2])

@@ -31,15 +31,25 @@ def resolve(cfg: Config, storage_path: str | None = None) -> Config:
 
 
 def _check_shards(cfg: Config) -> None:
-    """Fail before starting Ray when local shard directories are missing."""
+    """Fail before starting Ray when a shard source does not resolve (the loader's own resolution:
+    folder, index.json path or URL, single .tar, brace pattern) or holds category ids that
+    ``model.num_classes`` cannot represent (they would fail only inside the loss, on the workers)."""
+    from pipelines.errors import DataError
+    from pipelines.sources import max_category_id, resolve
+
     for key in ("train_shards", "val_shards"):
         source = getattr(cfg.data, key)
-        if "://" in source or source.startswith("pipe:") or "{" in source:
-            continue
-        path = Path(source)
-        if not (path / "index.json").is_file() and not (path.is_file() and path.suffix == ".json"):
-            raise ConfigError(f"data.{key}={source!r}: no shard index (index.json) there; "
-                              "write shards with `sdo data shard` first")
+        try:
+            shard_set = resolve(source)
+        except (DataError, OSError) as err:
+            raise ConfigError(f"data.{key}={source!r}: {err}") from None
+        if not shard_set.shards:
+            raise ConfigError(f"data.{key}={source!r}: its shard index lists no shards")
+        largest = max_category_id(shard_set.index)
+        if largest is not None and largest >= cfg.model.num_classes:
+            raise ConfigError(f"data.{key}={source!r}: the shards hold category ids up to {largest}, but "
+                              f"model.num_classes={cfg.model.num_classes} (labels must be < num_classes; "
+                              f"set model.num_classes >= {largest + 1})")
 
 
 def preflight(cfg: Config, *, name: str, resume: bool = False, storage_path: str | None = None) -> Config:

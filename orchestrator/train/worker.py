@@ -211,14 +211,16 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        from pipelines.coco_eval import ground_truth
+        from pipelines.records import records_to_coco
 
         predictions = evaluation.predict(self.module, self.postprocess, self.val_loader, self.device,
                                          autocast_dtype=self.amp_dtype)
         gathered = evaluation.gather_predictions(predictions)
+        # ground truth = the records the val loader decoded for these predictions (one parser, no disagreement)
+        truth = evaluation.gather_predictions(self.val_loader.ground_truth_records())
         metrics = None
         if self.rank == 0:
-            metrics = evaluation.coco_metrics(gathered, ground_truth(self.cfg.data.val_shards))
+            metrics = evaluation.coco_metrics(gathered, records_to_coco(truth, self.val_loader.index["categories"]))
             path = evaluation.write_eval_json(self.run_dir / "eval" / f"epoch_{epoch:04d}.json", metrics,
                                               epoch=epoch, num_predictions=len(gathered))
             self.logger.artifact(path, "eval")
@@ -258,6 +260,19 @@ class Trainer:
         if drawn:
             self.logger.artifact(out_dir, "plots/dam")
 
+    def check_data(self, split: str, loader) -> None:
+        """data/skipped_{split}_* of the loader's latest pass, summed over ranks and logged by rank 0;
+        more lost samples than data.max_skip_fraction fail the run, naming the source."""
+        from pipelines.loader import check_skip_budget, skip_fraction
+
+        means = all_reduce_mean(loader.epoch_skips(), self.device)
+        counts = {key: round(value * self.world_size) for key, value in means.items()}
+        if self.logger is not None:
+            values = {f"data/skipped_{split}_{key}": value for key, value in counts.items() if key != "expected"}
+            self.logger.metrics({**values, f"data/skipped_{split}_fraction": skip_fraction(counts)}, step=self.step)
+        source = getattr(self.cfg.data, f"{split}_shards")
+        check_skip_budget(counts, self.cfg.data.max_skip_fraction, f"data.{split}_shards={source!r}")
+
     # ---------------------------------------------------------------- the loop
 
     def fit(self) -> None:
@@ -272,10 +287,12 @@ class Trainer:
             if trained is None:
                 return
             metrics = {"epoch": epoch, **trained}
+            self.check_data("train", self.train_loader)
             self.scheduler.step()
             last = epoch == epochs - 1
             if (epoch + 1) % every == 0 or last:
                 self.last_eval = self.evaluate(epoch)
+                self.check_data("val", self.val_loader)
             metrics.update(self.last_eval or {"AP": 0.0})
             metrics["step"] = self.step
             if last:

@@ -62,7 +62,7 @@ def broken_coco(coco_root, tmp_path):
     (images_dir / images[2]["file_name"]).write_bytes(jpg[: len(jpg) // 2])  # corrupt_image (truncated)
     images[3]["width"] += 5  # size_mismatch
     coco["images"].append(dict(images[0], file_name="dup.jpg"))  # duplicate_image_id
-    coco["images"].append({"id": 999, "file_name": 7})  # malformed_image_record
+    coco["images"].append({"id": 999, "file_name": 7})  # bad_file_name
     size = (images[0]["width"], images[0]["height"])
     next_id = max(a["id"] for a in coco["annotations"]) + 1
     extra = [
@@ -72,7 +72,7 @@ def broken_coco(coco_root, tmp_path):
         {"image_id": images[0]["id"], "category_id": 1, "bbox": [size[0] - 10, 2, 30, 10]},  # box_clipped (kept)
         {"image_id": images[0]["id"], "category_id": 77, "bbox": [1, 1, 10, 10]},  # unknown_category
         {"image_id": 123456, "category_id": 1, "bbox": [1, 1, 10, 10]},  # annotation_unknown_image
-        {"image_id": images[0]["id"], "category_id": 1, "bbox": [1, 1, 10]},  # malformed_annotation
+        {"image_id": images[0]["id"], "category_id": 1, "bbox": [1, 1, 10]},  # bad_bbox
     ]
     for ann in extra:
         coco["annotations"].append(dict(ann, id=next_id, area=50.0, iscrowd=0))
@@ -86,11 +86,11 @@ def broken_coco(coco_root, tmp_path):
 
 def test_every_bad_input_is_counted(broken_coco, tmp_path):
     images_dir, ann_file, lost, size = broken_coco
-    report = write_shards(images_dir, ann_file, tmp_path / "out", shard_size=3, progress=False)
+    report = write_shards(images_dir, ann_file, tmp_path / "out", shard_size=3, progress=False, max_skip_fraction=1)
     assert report["skipped"] == {
         "missing_image": 1, "corrupt_image": 1, "size_mismatch": 1, "duplicate_image_id": 1,
-        "malformed_image_record": 1, "degenerate_box": 2, "box_outside_image": 1, "unknown_category": 1,
-        "annotation_unknown_image": 1, "malformed_annotation": 1, "duplicate_annotation_id": 1,
+        "bad_file_name": 1, "degenerate_box": 2, "box_outside_image": 1, "unknown_category": 1,
+        "annotation_unknown_image": 1, "bad_bbox": 1, "duplicate_annotation_id": 1,
         "annotation_of_skipped_image": lost,
     }
     assert report["fixed"] == {"box_clipped": 1}
