@@ -7,7 +7,8 @@ A source is one of
   last `index.json` replaced by the shard's name;
 - a brace pattern or a single shard (`dir/shard-{000000..000003}.tar`, `https://h/d/shard-000001.tar`):
   the index is read next to the shards and only the listed shards are used.
-Shard URLs are opened by webdataset (`gopen`): local files, http(s) (via curl) and `pipe:`.
+Shard URLs are opened by webdataset (`gopen`): local files, http(s) (via curl, with the stall limit
+of pipelines/http.py) and `pipe:`. An http(s) index is read with timeouts and bounded retries.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from dataclasses import dataclass
 import braceexpand
 from webdataset import gopen  # the function (webdataset re-exports it over the module)
 
+from pipelines import http
 from pipelines.errors import ShardIndexError
 from pipelines.shard import INDEX_FORMAT, INDEX_NAME
+
+http.install()  # http(s) shards are read with a stall limit (pipelines/http.py)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ def _is_url(source: str) -> bool:
 
 
 def _read_text(location: str) -> str:
+    if location.startswith(("http://", "https://")):
+        return http.fetch(location).decode()
     if _is_url(location):
         with gopen(location, "rb") as stream:
             return stream.read().decode()
