@@ -103,7 +103,9 @@ def _setup() -> None:
             "kubernetes>=29.0",
             "jsonschema>=4.18",
         ],
-        extras_require={"dev": ["pytest>=8.0", "ruff>=0.5", "rust-just>=1.30"], "optuna": ["optuna>=3.0"], "swin": ["timm>=0.9"]},
+        extras_require={"dev": ["pytest>=8.0", "ruff>=0.5", "rust-just>=1.30"], "optuna": ["optuna>=3.0"], "swin": ["timm>=0.9"],
+                        # `sdo export --format onnx` and its onnxruntime tests
+                        "export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"]},
         entry_points={"console_scripts": ["sdo=orchestrator.cli:main"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
