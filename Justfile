@@ -8,7 +8,7 @@ py := venv / "bin/python"
 sdo := venv / "bin/sdo"
 stamp := venv / ".sdo-installed"
 
-# Create .venv if absent, install torch, then this package (+ dev tools) with its native ops.
+# Create .venv if absent, install torch, then this package (+ dev tools, ONNX export) with its native ops.
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -16,7 +16,7 @@ setup:
     if [ -f {{stamp}} ] && [ -z "$(find setup.py constraints.txt csrc -newer {{stamp}} -print -quit)" ]; then exit 0; fi
     {{py}} -m pip install -q --upgrade pip setuptools wheel
     {{py}} -c "import torch" 2>/dev/null || {{py}} -m pip install -q {{torch}}
-    {{py}} -m pip install -q -c constraints.txt --no-build-isolation -e ".[dev]"
+    {{py}} -m pip install -q -c constraints.txt --no-build-isolation -e ".[dev,export]"
     touch {{stamp}}
 
 # Synthetic COCO -> WebDataset shards -> 2-worker Ray Train run -> MLflow (CPU, a few minutes).

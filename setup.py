@@ -107,7 +107,9 @@ def _setup() -> None:
         extras_require={"dev": ["pytest>=8.0", "ruff>=0.5", "rust-just>=1.30", "boto3>=1.34", "moto[server]>=5.0,<6",
                                 "kubernetes-validate>=1.30"],
                         "optuna": ["optuna>=3.0"], "swin": ["timm>=0.9"],
-                        "s3": ["boto3>=1.34"]},  # `sdo data upload|cat` (pipelines/remote.py)
+                        "s3": ["boto3>=1.34"],  # `sdo data upload|cat` (pipelines/remote.py)
+                        # `sdo export --format onnx` and its onnxruntime tests
+                        "export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"]},
         entry_points={"console_scripts": ["sdo=orchestrator.cli:main"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -3,7 +3,8 @@
 Both are `{'model': state_dict, ...}` files (official ones also hold the optimizer, the lr
 scheduler, the epoch and the argparse namespace of the run). Loading is strict: a file whose
 keys or shapes differ from the model's is rejected with a ValueError that lists the differences,
-and the model is left untouched.
+and the model is left untouched. `load_for_finetuning` (``model.init_from``) is strict too, except
+that class heads of another size start afresh.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
-def _state_dict_of(ckpt: dict, path) -> dict:
+def state_dict_of(ckpt: dict, path) -> dict:
+    """The model state dict of a read checkpoint (its 'model' entry, or the dict itself), DDP prefix removed."""
     state = ckpt.get("model", ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint: {path} has no 'model' state dict of tensors")
@@ -90,7 +92,7 @@ def load_weights(model: nn.Module, path) -> dict:
 
 def _load_strict(model: nn.Module, ckpt: dict, path) -> dict:
     """Checked, strict load of a read checkpoint -> the report of load_official / load_weights."""
-    state = _state_dict_of(ckpt, path)
+    state = state_dict_of(ckpt, path)
     check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)
     return {
@@ -99,3 +101,37 @@ def _load_strict(model: nn.Module, ckpt: dict, path) -> dict:
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "epoch": ckpt.get("epoch") if "model" in ckpt else None,
     }
+
+
+# Heads whose size follows the label set (num_classes) or the query count (num_queries without two-stage):
+# a checkpoint trained on other classes cannot fill them, so fine-tuning starts them afresh. The class heads
+# cover the decoder's, the two-stage proposal head and the encoder-aux heads, under all their alias names.
+REINITIALISABLE = ("class_embed.", "transformer.decoder.class_embed.", "transformer.encoder.class_embed.",
+                   "query_embed.weight")
+
+
+def _reinitialisable(key: str) -> bool:
+    return key.startswith(REINITIALISABLE)
+
+
+def load_for_finetuning(model: nn.Module, state: dict, source: str) -> list[str]:
+    """Load `state` (a checkpoint dict with a 'model' entry, or a bare state dict) into a freshly built `model` whose class count (or query count) may differ.
+
+    Keys whose shapes differ and that belong to the class heads (or `query_embed`) keep the values the
+    model was just built with, i.e. they are initialised exactly the way the model initialises them
+    (the focal-loss prior on the class biases). Every other key must be present on both sides with
+    the same shape; otherwise a ValueError lists the missing / unexpected / mis-shaped keys and the
+    model is left untouched.
+
+    -> the sorted list of re-initialised keys (empty when the checkpoint fits as it is)
+    """
+    state = state_dict_of(state, source)
+    expected = model.state_dict()
+    reinitialised = sorted(k for k in set(expected) & set(state)
+                           if tuple(expected[k].shape) != tuple(state[k].shape) and _reinitialisable(k))
+    merged = dict(state)
+    for key in reinitialised:
+        merged[key] = expected[key]
+    check_state_dict(model, merged, source)
+    model.load_state_dict(merged, strict=True)
+    return reinitialised

@@ -33,13 +33,14 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index,
-                src_padding_mask=None):
+                src_padding_mask=None, spatial_shape_list=None):
         q = k = tgt + query_pos
         attended = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
 
         attended, sampling_locations, attn_weights = self.cross_attn(
-            tgt + query_pos, reference_points, src, spatial_shapes, level_start_index, src_padding_mask)
+            tgt + query_pos, reference_points, src, spatial_shapes, level_start_index, src_padding_mask,
+            spatial_shape_list)
         tgt = self.norm1(tgt + self.dropout1(attended))
 
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
@@ -68,7 +69,7 @@ class DeformableDecoder(nn.Module):
         self.class_embed: nn.ModuleList | None = None
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index, valid_ratios,
-                query_pos, src_padding_mask=None):
+                query_pos, src_padding_mask=None, spatial_shape_list=None):
         output = tgt
         hs, references, sampling_locations_all, attn_weights_all = [], [], [], []
         for layer_id, layer in enumerate(self.layers):
@@ -79,7 +80,8 @@ class DeformableDecoder(nn.Module):
             else:
                 reference_input = reference_points[:, :, None] * valid_ratios[:, None]
             output, sampling_locations, attn_weights = layer(
-                output, query_pos, reference_input, src, spatial_shapes, level_start_index, src_padding_mask)
+                output, query_pos, reference_input, src, spatial_shapes, level_start_index, src_padding_mask,
+                spatial_shape_list)
             sampling_locations_all.append(sampling_locations)
             attn_weights_all.append(attn_weights)
 

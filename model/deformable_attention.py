@@ -15,7 +15,8 @@ class MSDeformAttn(nn.Module):
 
     forward(query [B, Len_q, C], reference_points [B, Len_q, L, 2] (x, y) or [B, Len_q, L, 4] (cx, cy, w, h)
             normalised to the padded map, input_flatten [B, S, C], spatial_shapes [L, 2] (H_l, W_l),
-            level_start_index [L], input_padding_mask [B, S] bool (True = padding) or None)
+            level_start_index [L], input_padding_mask [B, S] bool (True = padding) or None,
+            spatial_shape_list [(H_l, W_l)] * L or None: spatial_shapes as ints, when the caller has them)
         -> output [B, Len_q, C],
            sampling_locations [B, Len_q, n_heads, L, n_points, 2] in [0, 1] coords of the padded map,
            attention_weights [B, Len_q, n_heads, L, n_points] (softmax over L * n_points)
@@ -57,7 +58,7 @@ class MSDeformAttn(nn.Module):
         nn.init.constant_(self.output_proj.bias, 0.0)
 
     def forward(self, query, reference_points, input_flatten, spatial_shapes, level_start_index,
-                input_padding_mask=None):
+                input_padding_mask=None, spatial_shape_list=None):
         batch, len_q, _ = query.shape
         _, len_in, _ = input_flatten.shape
 
@@ -88,5 +89,5 @@ class MSDeformAttn(nn.Module):
                              f"got shape {tuple(reference_points.shape)}")
 
         output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                                attention_weights, self.im2col_step)
+                                attention_weights, self.im2col_step, spatial_shape_list)
         return self.output_proj(output), sampling_locations, attention_weights

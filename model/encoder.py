@@ -34,9 +34,10 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, query, pos, reference_points, src, spatial_shapes, level_start_index, padding_mask=None):
+    def forward(self, query, pos, reference_points, src, spatial_shapes, level_start_index, padding_mask=None,
+                spatial_shape_list=None):
         attended, sampling_locations, attn_weights = self.self_attn(
-            query + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+            query + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask, spatial_shape_list)
         query = self.norm1(query + self.dropout1(attended))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(query))))
         query = self.norm2(query + self.dropout3(ffn))
@@ -53,9 +54,10 @@ def encoder_reference_points(spatial_shapes: list[tuple], valid_ratios, device):
     """
     points = []
     for level, (height, width) in enumerate(spatial_shapes):
+        # arange + 0.5 is linspace(0.5, size - 0.5, size) exactly, and keeps sizes symbolic in exported graphs
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
-            torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device), indexing="ij")
+            torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+            torch.arange(width, dtype=torch.float32, device=device) + 0.5, indexing="ij")
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
         points.append(torch.stack((ref_x, ref_y), -1))
@@ -112,7 +114,8 @@ class DeformableEncoder(nn.Module):
 
         aux_logits, aux_boxes = [], []
         for layer_id, layer in enumerate(self.layers):
-            query, _, _ = layer(query, pos, reference_points, output, spatial_shapes, level_start_index, padding_mask)
+            query, _, _ = layer(query, pos, reference_points, output, spatial_shapes, level_start_index, padding_mask,
+                                spatial_shape_list)
             if sparse:
                 # surplus queries write their own old value back, so the scatter has no duplicates to resolve
                 written = torch.where(keep[..., None], query, torch.gather(output, 1, scatter_index))

@@ -19,6 +19,7 @@ Shapes:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -45,6 +46,7 @@ class _NativeState:
         self.devices: frozenset = frozenset()
         self.python_registered = False
         self.logged: set = set()
+        self.reference_only = False  # set by `reference_only()`
 
 
 _state = _NativeState()
@@ -122,6 +124,18 @@ def _load_library() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def reference_only():
+    """Run the pure-PyTorch reference even where the native op is built (e.g. for an ONNX export, whose
+    graph must consist of standard operators: grid_sample becomes ONNX GridSample)."""
+    saved = _state.reference_only
+    _state.reference_only = True
+    try:
+        yield
+    finally:
+        _state.reference_only = saved
+
+
 def native_available(device: torch.device | str) -> bool:
     """True when the native op has a kernel for this device's type (cpu, cuda)."""
     return torch.device(device).type in _state.devices
@@ -134,16 +148,20 @@ def native_source() -> str | None:
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                    sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                   im2col_step: int = 64) -> torch.Tensor:
-    """Multi-scale deformable attention, native when built for value's device. Shapes: module doc."""
+                   im2col_step: int = 64, spatial_shape_list: list | None = None) -> torch.Tensor:
+    """Multi-scale deformable attention, native when built for value's device. Shapes: module doc.
+
+    spatial_shape_list: the (H_l, W_l) of spatial_shapes as Python (or symbolic) ints, when the caller
+    has them: the reference then needs no device-to-host read, and exported graphs keep their sizes
+    symbolic (see `reference_only`)."""
     device_type = value.device.type
-    if device_type in _state.devices:
+    if device_type in _state.devices and not _state.reference_only:
         _log_choice(device_type, "native sdo::ms_deform_attn")
         return torch.ops.sdo.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                             attention_weights, im2col_step)
     _log_choice(device_type, "pure-PyTorch reference (grid_sample)")
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights, im2col_step)
+                                    attention_weights, im2col_step, spatial_shape_list)
 
 
 def _log_choice(device_type: str, implementation: str) -> None:
@@ -156,13 +174,16 @@ def _log_choice(device_type: str, implementation: str) -> None:
 
 def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                              sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                             im2col_step: int = 64) -> torch.Tensor:
+                             im2col_step: int = 64, spatial_shape_list: list | None = None) -> torch.Tensor:
     """The official `ms_deform_attn_core_pytorch`: bilinear grid_sample per level, zero padding,
     align_corners=False. Levels are split by spatial_shapes (level_start_index must be their
     cumulative sum); im2col_step is accepted for the same signature. Shapes: module doc."""
     batch, _, n_heads, head_dim = value.shape
     _, len_q, _, n_levels, n_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if spatial_shape_list is not None:
+        shapes = [(h, w) for h, w in spatial_shape_list]
+    else:
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     value_list = value.split([h * w for h, w in shapes], dim=1)
     sampling_grids = (2 * sampling_locations - 1).to(value.dtype)
     sampled = []

@@ -118,9 +118,10 @@ class DeformableTransformer(nn.Module):
             mask = padding_mask[:, start:start + height * width].view(batch, height, width)
             valid_h = torch.sum(~mask[:, :, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :], 1)
+            # arange is linspace(0, size - 1, size) exactly, and keeps sizes symbolic in exported graphs
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device), indexing="ij")
+                torch.arange(height, dtype=torch.float32, device=memory.device),
+                torch.arange(width, dtype=torch.float32, device=memory.device), indexing="ij")
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
             scale = torch.stack([valid_w, valid_h], 1).view(batch, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
@@ -152,7 +153,12 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         lvl_pos_flatten = torch.cat(lvl_pos_flatten, 1)
-        spatial_shapes = torch.as_tensor(spatial_shape_list, dtype=torch.long, device=src_flatten.device)
+        if torch.compiler.is_exporting():
+            # a tensor made from a list of symbolic sizes would pin them to the example input's values
+            spatial_shapes = torch.stack([torch.stack([torch.scalar_tensor(size, dtype=torch.long, device=src_flatten.device)
+                                                       for size in shape]) for shape in spatial_shape_list])
+        else:
+            spatial_shapes = torch.as_tensor(spatial_shape_list, dtype=torch.long, device=src_flatten.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         batch, num_tokens, channels = src_flatten.shape
@@ -168,7 +174,12 @@ class DeformableTransformer(nn.Module):
             valid_token_nums = (~mask_flatten).sum(-1)
             # float64 so that int(valid * rho) matches Python's arithmetic exactly (float32 may round 9.0 to 8.99)
             sparse_token_nums = torch.minimum((valid_token_nums.double() * self.rho).long() + 1, valid_token_nums)
-            num_selected = min(int(sparse_token_nums.max()), num_tokens)
+            if torch.compiler.is_exporting():
+                # exported graphs take whole, unpadded images (model.inference): every token is valid, so
+                # K follows from the shapes, and stays symbolic instead of a value read from the data
+                num_selected = torch.sym_min(torch.sym_int(num_tokens * self.rho) + 1, num_tokens)
+            else:
+                num_selected = min(int(sparse_token_nums.max()), num_tokens)
             mask_prediction = self.enc_mask_predictor(backbone_memory, mask_flatten).squeeze(-1)
             # padding scores below every real token, so an image's first sparse_token_nums picks are valid
             mask_prediction = mask_prediction.masked_fill(mask_flatten, torch.finfo(mask_prediction.dtype).min)
@@ -217,7 +228,7 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).sigmoid()
 
         decoded = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
-                               query_pos, mask_flatten)
+                               query_pos, mask_flatten, spatial_shape_list)
         out.update(hs=decoded["hs"], init_reference=reference_points, references=decoded["references"],
                    sampling_locations_dec=decoded["sampling_locations"], attn_weights_dec=decoded["attn_weights"])
         return out

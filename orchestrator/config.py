@@ -70,6 +70,8 @@ class ModelConfig:
     eff_specific_head: bool = doc("separate detection heads for the two-stage proposals", False)
     im2col_step: int = doc("batch chunk of the deformable-attention op", 64)
     checkpoint: str | None = doc("weights to start from: an sdo checkpoint or an official {'model': ...} file", None)
+    init_from: str | None = doc("fine-tune from these weights (a checkpoint file or directory, an official file, runs:/ or "
+                                "models:/ URI); class heads of another size start afresh; ignored when resuming", None)
 
 
 @dataclass
@@ -137,6 +139,7 @@ class TrackingConfig:
     experiment: str = doc("MLflow experiment name", "sdo")
     log_checkpoints: bool = doc("log final and best checkpoints as MLflow artifacts", True)
     parent_run_id: str | None = doc("MLflow run to nest this run under (set by `sdo sweep` for its trials)", None)
+    register_as: str | None = doc("register the run's MLflow Model (best weights) under this model-registry name", None)
 
 
 @dataclass
@@ -415,6 +418,8 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(not (m.eff_query_init and not m.two_stage), "model.eff_query_init", m.eff_query_init, "needs model.two_stage=true")
     _check(not (m.rho > 0 and not m.two_stage), "model.rho", m.rho, "sparse encoder needs model.two_stage=true")
+    _check(not (m.init_from and m.checkpoint), "model.init_from", m.init_from,
+           "model.checkpoint is set too; use one of them (init_from for another class count)")
     _check(not (m.use_enc_aux_loss and not m.two_stage), "model.use_enc_aux_loss", m.use_enc_aux_loss, "needs model.two_stage=true")
     for f in dataclasses.fields(cfg.loss):
         value = getattr(cfg.loss, f.name)

@@ -24,8 +24,8 @@ THIRD_PARTY = {
 }
 # orchestrator/ packages (or top-level modules) -> floor; an import may only go to a lower floor or
 # stay inside its own package. `launch` is the alias module of the old Ray Job entry point.
-FLOORS = {"config": 0, "ops_build": 0, "run": 1, "train": 2, "cluster": 3, "sweep": 4, "bench": 4, "cli": 5,
-          "launch": 5}
+FLOORS = {"config": 0, "ops_build": 0, "run": 1, "train": 2, "cluster": 3, "inference": 3, "sweep": 4, "bench": 4,
+          "cli": 5, "launch": 5}
 RUN_STATE_FILE = "sdo_run.json"
 STATE_WRITERS = {"write_run_state"}
 

@@ -10,7 +10,7 @@ import traceback
 
 import click
 
-from orchestrator.cli import bench, data, launch, ops, sweep
+from orchestrator.cli import bench, data, export, launch, ops, predict, sweep
 from orchestrator.run.failures import RunInterrupted
 
 # Exceptions that mean "the user gave us something wrong" -> exit code 2.
@@ -59,4 +59,6 @@ main.add_command(sweep.sweep)
 main.add_command(data.data)
 main.add_command(bench.bench)
 main.add_command(ops.ops)
+main.add_command(predict.predict)
+main.add_command(export.export_cmd)
 

@@ -22,10 +22,12 @@ def _absolute_source(value: str) -> str:
 def resolve(cfg: Config, storage_path: str | None = None) -> Config:
     """A copy of ``cfg`` with absolute storage and data paths (what the workers and MLflow see)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), data=dataclasses.replace(cfg.data),
-                              tracking=dataclasses.replace(cfg.tracking))
+                              tracking=dataclasses.replace(cfg.tracking), model=dataclasses.replace(cfg.model))
     cfg.train.storage_path = str(Path(storage_path or cfg.train.storage_path).expanduser().resolve())
     cfg.data.train_shards = _absolute_source(cfg.data.train_shards)
     cfg.data.val_shards = _absolute_source(cfg.data.val_shards)
+    if cfg.model.init_from and not cfg.model.init_from.startswith(("runs:/", "models:/")):
+        cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
     validate(cfg)
     return cfg
 
@@ -66,4 +68,7 @@ def preflight(cfg: Config, *, name: str, resume: bool = False, storage_path: str
                              "or choose another --name")
     tracking.check_reachable(tracking.tracking_uri(cfg))
     _check_shards(cfg)
+    if cfg.model.init_from and not cfg.model.init_from.startswith(("runs:/", "models:/")) \
+            and not Path(cfg.model.init_from).exists():
+        raise FileNotFoundError(f"model.init_from={cfg.model.init_from!r}: no such checkpoint file")
     return cfg

@@ -61,7 +61,7 @@ def finalize(cfg: Config, run: dict, result) -> dict:
     uri, logger = run["tracking_uri"], tracking.RunLogger(run["tracking_uri"], run["mlflow_run_id"])
     directory = Path(run["run_dir"])
     best = result.get_best_checkpoint("AP", "max") if result.best_checkpoints else None
-    best_path = None
+    best_path, mlflow_model = None, {}
     if best is not None:
         best_path = directory / "best"
         if best_path.exists():
@@ -69,6 +69,7 @@ def finalize(cfg: Config, run: dict, result) -> dict:
         shutil.copytree(best.path, best_path)
         if cfg.tracking.log_checkpoints:
             logger.artifact(best_path, "checkpoints/best")
+        mlflow_model = log_best_model(uri, run["mlflow_run_id"], best_path, cfg.tracking.register_as)
     history = logger.history(sorted(set(logger.metric_keys())))
     if history:
         plots.loss_curves(history, directory / "plots" / "loss_curves.png")
@@ -89,7 +90,18 @@ def finalize(cfg: Config, run: dict, result) -> dict:
         "experiment_id": run["experiment_id"],
         "tracking_uri": uri,
         "run_url": run["run_url"],
+        "model_uri": mlflow_model.get("model_uri"),
+        "registered_model_version": mlflow_model.get("version"),
     }
+
+
+def log_best_model(uri: str, run_id: str, best_path: Path, register_as: str | None) -> dict:
+    """The best checkpoint's weights as the run's MLflow Model (registered as ``register_as`` when set)."""
+    from orchestrator.run import checkpoints
+    from orchestrator.run.mlflow_model import log_detector_model
+
+    state = checkpoints.load(best_path, map_location="cpu")
+    return log_detector_model(uri, run_id, state["model"], state["config"], register_as=register_as)
 
 
 def run_training(cfg: Config, *, name: str, resume: bool = False, storage_path: str | None = None,

@@ -93,22 +93,15 @@ def write_eval_json(path: Path, metrics: dict, *, epoch: int | None, num_predict
 
 
 def evaluate_checkpoint(cfg, checkpoint: str, *, max_batches: int | None = None) -> dict[str, float]:
-    """`sdo eval`: load an sdo or official checkpoint into the configured model, COCO-evaluate it on
-    ``data.val_shards`` in this process (GPU when there is one) -> AP/AR metrics."""
-    import dataclasses
-
-    from model import build
+    """`sdo eval`: load weights (an sdo or official checkpoint file or directory, or a runs:/ or models:/
+    MLflow URI on the config's tracking store) strictly into the configured model, COCO-evaluate it
+    on ``data.val_shards`` in this process (GPU when there is one) -> AP/AR metrics."""
     from model.postprocess import PostProcess
-    from pipelines.coco_eval import ground_truth
+    from orchestrator.run.tracking import tracking_uri
+    from orchestrator.run.weights import build_detector, load_weights
     from pipelines.loader import make_loader
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such checkpoint file")
-    model_cfg = dataclasses.replace(cfg.model, checkpoint=str(path))
-    model, _, _ = build(model_cfg, cfg.loss)
+    model = build_detector(cfg, load_weights(checkpoint, tracking_uri(cfg)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     d = cfg.data
@@ -117,7 +110,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, max_batches: int | None = None)
     amp = torch.bfloat16 if device.type == "cuda" and cfg.train.amp == "bf16" else None
     predictions = predict(model, PostProcess(cfg.eval.max_dets), loader, device, autocast_dtype=amp,
                           max_batches=max_batches)
-    gt = ground_truth(d.val_shards)
+    gt = loader.ground_truth()  # the samples the loader really decoded: one parser for predictions and truth
     if max_batches is not None:  # score only the images that were predicted
         seen = {p["image_id"] for p in predictions}
         gt = {**gt, "images": [i for i in gt["images"] if i["id"] in seen],

@@ -102,6 +102,8 @@ class Trainer:
     def _restore(self) -> None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
+            if self.cfg.model.init_from:
+                self._init_from(self.cfg.model.init_from)
             return
         with checkpoint.as_directory() as directory:
             state, path, unreadable = newest_readable(Path(directory))
@@ -127,6 +129,20 @@ class Trainer:
                     print(f"sdo: unreadable checkpoint {line}; resumed from {path}", flush=True)
             self.logger.tags(tags)
             self.logger.metrics({"resumed_from_epoch": epoch}, step=self.step)
+
+    def _init_from(self, spec: str) -> None:
+        """``model.init_from``: start a new run from other weights; class heads of another size start afresh."""
+        from model.checkpoint import load_for_finetuning
+        from orchestrator.run.weights import load_weights
+
+        weights = load_weights(spec, self.run["tracking_uri"])
+        reinitialised = load_for_finetuning(self.module, weights.state, weights.source)
+        log.info("rank %d initialised from %s; re-initialised %d keys: %s", self.rank, spec, len(reinitialised),
+                 ", ".join(reinitialised) or "none")
+        if self.logger is not None:
+            listed = ", ".join(reinitialised) or "none"
+            self.logger.tags({"sdo.init_from": spec, "sdo.reinitialised_keys":
+                              listed if len(listed) <= 5000 else listed[:4997] + "..."})
 
     def _state(self, epoch: int, epoch_state: dict | None) -> dict:
         """``epoch_state`` None: ``epoch`` is complete; else the running sums of the epoch in progress."""

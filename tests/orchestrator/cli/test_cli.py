@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from orchestrator.cli import ErrorReportingGroup, main
 
 ROOT = Path(__file__).resolve().parents[3]
-COMMANDS = ["launch", "sweep", "eval", "data", "bench", "ops", "ui"]
+COMMANDS = ["launch", "sweep", "eval", "predict", "export", "data", "bench", "ops", "ui"]
 
 
 def test_help_lists_every_command():
