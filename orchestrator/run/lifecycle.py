@@ -13,7 +13,7 @@ import yaml
 from orchestrator.config import Config, ConfigError, to_dict
 from orchestrator.run import tracking
 from orchestrator.run.directory import RunExistsError, read_run_state, run_dir, write_run_state
-from orchestrator.run.preflight import preflight
+from orchestrator.run.preflight import preflight, resolve
 
 
 def claim_directory(directory: Path, *, what: str, name: str, uri: str, resume: bool, state: dict | None,
@@ -67,3 +67,9 @@ def start(cfg: Config, *, name: str, resume: bool = False, storage_path: str | N
     tracking_uri, experiment_id, mlflow_run_id, run_url)."""
     resolved = preflight(cfg, name=name, resume=resume, storage_path=storage_path)
     return resolved, open_run(resolved, name=name, resume=resume, parent_run_id=parent_run_id)
+
+
+def run_info(cfg: Config, name: str, storage_path: str | None = None) -> dict | None:
+    """The identity :func:`open_run` wrote for the run ``name`` (run_dir, tracking_uri, experiment_id,
+    mlflow_run_id, run_url), or None when there is no such run."""
+    return read_run_state(run_dir(resolve(cfg, storage_path), name))
