@@ -60,7 +60,7 @@ def launch(config_path: str, overrides: tuple, cluster: str | None, name: str | 
     cfg = load_config(config_path, overrides)
     apply_image(cfg, image, cluster)
     if (resume or resume_if_exists) and not name:
-        raise click.UsageError("--resume/--resume-if-exists need the --name of the run to continue")
+        raise click.UsageError("--resume needs the --name of the run to continue (so does --resume-if-exists)")
     if resume and resume_if_exists:
         raise click.UsageError("--resume and --resume-if-exists exclude each other")
     if resume_if_exists:

@@ -35,7 +35,7 @@ def sweep(config_path: str, cluster: str, overrides: tuple, name: str, resume: b
     from orchestrator.sweep.driver import sweep as run
 
     if (resume or resume_if_exists) and not name:
-        raise click.UsageError("--resume/--resume-if-exists need the --name of the sweep to continue")
+        raise click.UsageError("--resume needs the --name of the sweep to continue (so does --resume-if-exists)")
     if resume and resume_if_exists:
         raise click.UsageError("--resume and --resume-if-exists exclude each other")
     cfg = load_config(config_path, overrides)
