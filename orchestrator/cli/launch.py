@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -97,22 +96,19 @@ def eval_cmd(config_path: str, checkpoint: str, overrides: tuple, max_batches: i
 @click.option("--port", default=5000, show_default=True, type=int, help="Port on 127.0.0.1.")
 def ui(storage: str, port: int) -> None:
     """Start the MLflow UI on 127.0.0.1 for the embedded store."""
+    from orchestrator.run.failures import sigterm_as_interrupt
     from orchestrator.run.tracking import start_ui, stop_ui
 
     process = start_ui(Path(storage), port=port)
     click.echo(f"sdo: MLflow UI at http://127.0.0.1:{port} (Ctrl-C stops it)")
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the UI's processes too
     try:
-        while process.poll() is None:
-            time.sleep(0.5)
+        with sigterm_as_interrupt():  # SIGTERM stops the UI's processes too
+            while process.poll() is None:
+                time.sleep(0.5)
     except KeyboardInterrupt:
         return
     finally:
         stop_ui(process)
-        signal.signal(signal.SIGTERM, previous)
     if process.returncode:
         raise RuntimeError(f"mlflow ui exited with status {process.returncode}")
 
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
-import threading
 from collections.abc import Callable, Iterator
 
 from orchestrator.cluster import reaper as reaper_process
 from orchestrator.config import Config
+from orchestrator.run.failures import sigterm_as_interrupt
 
 
 def _port_free(port: int) -> bool:
@@ -53,25 +52,14 @@ def ray_session(cfg: Config) -> Iterator[None]:
         reaper = reaper_process.start()
         ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, _node_ip_address="127.0.0.1")
-    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
-        yield
+        with sigterm_as_interrupt():  # SIGTERM ends the run like Ctrl-C (KILLED, resumable)
+            yield
     finally:
         ray.shutdown()
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
         if reaper is not None:
             reaper.terminate()
             reaper.wait(timeout=10)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _terminate(signum, frame):
-    """SIGTERM ends the run like Ctrl-C (KILLED, resumable) rather than leaving Ray's processes behind."""
-    raise KeyboardInterrupt
 
 
 def launch_local(cfg: Config, *, name: str, resume: bool, echo: Callable[[str], None] = print) -> dict:

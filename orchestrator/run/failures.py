@@ -13,6 +13,11 @@ Infrastructure (a restarted worker group can get past it, from the latest checkp
 """
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
 PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
@@ -52,3 +57,21 @@ def root_cause(worker_failures: dict[int, BaseException]) -> BaseException | Non
     ranks = sorted(worker_failures)
     permanent = [r for r in ranks if is_permanent(worker_failures[r])]
     return worker_failures[(permanent or ranks)[0]]
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM inside the block raises KeyboardInterrupt, so it stops a run (or the UI) as Ctrl-C does:
+    cleanup runs and nothing is left behind. Only the main thread can set handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

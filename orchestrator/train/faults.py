@@ -4,7 +4,7 @@
   restarted: the run fails at once and the driver re-raises the worker's own error, so the CLI's last
   line names the cause. Anything else (a worker or node lost, a collective timeout) goes to Ray's
   default policy, which restarts the group from the latest checkpoint up to ``train.max_failures``.
-- Ctrl-C on the driver asks the workers to stop at their next step with a checkpoint (no partial
+- Ctrl-C on the driver asks the workers to stop at their next logged step with a checkpoint (no partial
   files, nothing logged twice); a second Ctrl-C aborts the workers at once; a third raises.
   Ray Train's own SIGINT handler (a "graceful abort" that kills the workers mid-checkpoint) is not used.
 """
@@ -54,7 +54,7 @@ class SdoTorchTrainer(TorchTrainer):
             self.interrupts += 1
             if self.interrupts == 1:
                 request_stop(self.run_dir)
-                print("sdo: stopping at the next step with a checkpoint (Ctrl-C again to abort now)",
+                print("sdo: stopping at the next logged step with a checkpoint (Ctrl-C again to abort now)",
                       file=sys.stderr, flush=True)
             elif self.interrupts == 2:
                 print("sdo: aborting the workers", file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ checkpoint through ``ray.train.get_checkpoint()`` (falling back to the newest re
 latest is damaged) and continues from the exact step after it: the loader replays the epoch's
 deterministic order and skips the batches the checkpoint had consumed. Rank 0 logs into the same
 MLflow run (its id travels in ``config['run']``), each (metric, step) once whatever was restarted.
-A stop request (the driver's Ctrl-C) ends the run at the next step, with a checkpoint.
+A stop request (the driver's Ctrl-C) ends the run at the next logged or checkpoint step, with a checkpoint.
 """
 from __future__ import annotations
 
@@ -202,12 +202,15 @@ class Trainer:
             images_seen += images.shape[0]
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if self.step % self.cfg.train.log_every == 0:
+            logged = self.step % self.cfg.train.log_every == 0
+            if logged:
                 step_metrics = all_reduce_mean(values, self.device)
                 if self.logger is not None:
                     self.logger.metrics({**step_metrics, "lr": self.optimizer.param_groups[0]["lr"]}, step=self.step)
-            self.stopping = self._stop_requested()
-            if steps_done < self.steps_per_epoch and (self.stopping or (every and self.step % every == 0)):
+            due = bool(every) and self.step % every == 0
+            # asking every step would add a collective (a host sync on GPU) to each step: ask where one is anyway
+            self.stopping = (logged or due) and self._stop_requested()
+            if steps_done < self.steps_per_epoch and (self.stopping or due):
                 epoch_state = {"sums": sums, "steps": steps_done, "images": images_seen,
                                "seconds": elapsed_before + time.perf_counter() - started}
                 self._checkpoint(epoch, epoch_state=epoch_state, metrics={})
@@ -220,7 +223,7 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _stop_requested(self) -> bool:
-        """The driver asked the run to stop (Ctrl-C): every rank learns it at the same step."""
+        """The driver asked the run to stop (Ctrl-C): every rank learns it at the same (logged or checkpoint) step."""
         flag = 1.0 if self.rank == 0 and stop_requested(self.run_dir) else 0.0
         return all_reduce_sum(flag, self.device) > 0
 
