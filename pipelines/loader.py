@@ -409,7 +409,10 @@ class ShardLoader:
         plans, _ = self._plan(self.epoch)
         dataset = EpochDataset(plans[self.rank], self.transforms, train=self.train, batch_size=self.batch_size,
                                shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
+        # its own generator: drawing the workers' base seed from the global RNG would shift the dropout
+        # draws of a run resumed mid-epoch (the iterator is created at a different point of the stream)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                            generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
         latest = {}
         self._records, self._stats_epoch = [], Counter()
         self._expected = sum(plan.num_samples for plan in plans[self.rank])

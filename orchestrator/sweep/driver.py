@@ -149,9 +149,13 @@ def make_scheduler(cfg: Config):
 
 
 def make_search(cfg: Config):
-    """None (Tune's random/grid variant generator) or OptunaSearch."""
+    """Tune's grid/random variant generator, or OptunaSearch; both seeded by ``train.seed`` so that the
+    same sweep config samples the same trials (an interrupted sweep can be compared with a whole one)."""
     if cfg.sweep.search != "optuna":
-        return None
+        from ray.tune.search import BasicVariantGenerator
+
+        # the concurrency limit goes into the generator: Tune ignores max_concurrent_trials beside one
+        return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=cfg.sweep.max_concurrent)
     try:
         import optuna  # noqa: F401
     except ImportError:
@@ -309,7 +313,7 @@ def _tuner(cfg: Config, axes: list[Axis], trainable, *, name: str, experiment_pa
         param_space=to_tune(axes),
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=make_scheduler(cfg),
                                     search_alg=make_search(cfg), num_samples=s.num_samples,
-                                    max_concurrent_trials=s.max_concurrent,
+                                    max_concurrent_trials=s.max_concurrent if s.search == "optuna" else None,
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=str(experiment_path.parent),
                                   failure_config=tune.FailureConfig(max_failures=0)),

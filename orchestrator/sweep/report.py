@@ -174,6 +174,6 @@ def write_report(rows: Sequence[dict], report: dict, out_dir: str | Path, *, tit
     (out / "report.md").write_text(report["text"] + "\n")
     paths["report_md"] = out / "report.md"
     (out / "trials.json").write_text(json.dumps({"trials": list(rows), "best": report["best"],
-                                                 "savings": report["savings"]}, indent=2, default=str))
+                                                 "front": list(report["front"]), "savings": report["savings"]}, indent=2, default=str))
     paths["trials_json"] = out / "trials.json"
     return paths

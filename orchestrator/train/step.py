@@ -33,6 +33,32 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     return float(packed.item())
 
 
+def gather_rng_states() -> list[dict]:
+    """Every rank's torch RNG state (CPU, and CUDA where used) -> one entry per rank, on every rank.
+
+    Dropout draws from these, and each rank draws a different amount (its images differ in size), so
+    an exact resume needs each rank's own state back, not rank 0's.
+    """
+    state = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None}
+    if not _distributed():
+        return [state]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(states: list[dict], rank: int, world_size: int) -> bool:
+    """Put this rank's saved RNG state back -> whether it was (not when the world size changed)."""
+    if len(states) != world_size:
+        return False
+    state = states[rank]
+    torch.set_rng_state(state["cpu"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    return True
+
+
 def scaled_learning_rates(cfg: Config, world_size: int) -> tuple[float, float]:
     """(lr, lr_backbone), multiplied by sqrt(global_batch / 16) when ``train.scale_lr`` (official recipe)."""
     factor = math.sqrt(cfg.data.batch_size * world_size / 16.0) if cfg.train.scale_lr else 1.0

@@ -31,7 +31,9 @@ from orchestrator.train.step import (
     all_reduce_mean,
     all_reduce_sum,
     autocast_dtype,
+    gather_rng_states,
     make_optimizer,
+    restore_rng_state,
     train_step,
 )
 
@@ -119,6 +121,8 @@ class Trainer:
             self.resume_epoch_state = dict(state["epoch_state"])
         self.last_eval = dict(state.get("last_eval", {}))
         self.last_report = dict(state.get("last_report", {}))
+        if not restore_rng_state(state.get("rng", []), self.rank, self.world_size):
+            log.info("rank %d: no RNG state for %d ranks in %s; dropout draws anew", self.rank, self.world_size, path)
         log.info("rank %d resumed from %s (epoch %d, step %d)", self.rank, path, epoch, self.step)
         if self.logger is not None:
             tags = {"sdo.resumed_from_epoch": epoch, "sdo.resumed_from_step": self.step,
@@ -144,8 +148,9 @@ class Trainer:
             self.logger.tags({"sdo.init_from": spec, "sdo.reinitialised_keys":
                               listed if len(listed) <= 5000 else listed[:4997] + "..."})
 
-    def _state(self, epoch: int, epoch_state: dict | None) -> dict:
-        """``epoch_state`` None: ``epoch`` is complete; else the running sums of the epoch in progress."""
+    def _state(self, epoch: int, epoch_state: dict | None, rng: list[dict]) -> dict:
+        """``epoch_state`` None: ``epoch`` is complete; else the running sums of the epoch in progress.
+        ``rng``: every rank's RNG state (gather_rng_states)."""
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -158,6 +163,7 @@ class Trainer:
             "mlflow_run_id": self.run["mlflow_run_id"],
             "last_eval": dict(self.last_eval),
             "last_report": dict(self.last_report),
+            "rng": rng,
         }
 
     # ---------------------------------------------------------------- one epoch
@@ -336,11 +342,12 @@ class Trainer:
         report.setdefault("AP", self.last_eval.get("AP", 0.0))
         if epoch_state is None:
             self.last_report = dict(report)
+        rng = gather_rng_states()
         if self.rank != 0:
             ray.train.report(report, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="sdo-ckpt-") as directory:
-            checkpoints.save(directory, self._state(epoch, epoch_state))
+            checkpoints.save(directory, self._state(epoch, epoch_state, rng))
             if last and self.cfg.tracking.log_checkpoints:
                 self.logger.artifact(directory, "checkpoints/final")
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),

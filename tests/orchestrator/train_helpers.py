@@ -1,9 +1,12 @@
 """Shared by the training tests: a tiny synthetic shard set and a tiny 2-worker CPU config."""
 from __future__ import annotations
 
+import os
 import socket
+import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from orchestrator.config import load_config
@@ -46,3 +49,25 @@ def tiny_config(path: Path, shards: dict[str, Path], storage: Path, **train_over
     }
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path, load_config(path)
+
+
+def session_processes(session: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose session id is ``session``."""
+    alive = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
+def left_in_session(session: int, timeout: float = 30) -> list[psutil.Process]:
+    """Processes of that session still alive after ``timeout`` (the reaper needs a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = session_processes(session)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)

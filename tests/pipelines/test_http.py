@@ -1,15 +1,18 @@
 """Remote shard sources that never answer fail in bounded time with a line naming them (real sockets on 127.0.0.1)."""
 from __future__ import annotations
 
+import functools
+import http.server
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pipelines import http
+from pipelines import http as bounded_http
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,8 +49,8 @@ def test_no_server_is_refused_quickly_and_a_404_at_once():
         port = s.getsockname()[1]  # closed again: nothing listens there
     started = time.monotonic()
     with pytest.raises(OSError, match=f"127.0.0.1:{port}/index.json: no answer after 3 attempts"):
-        http.fetch(f"http://127.0.0.1:{port}/index.json")
-    assert time.monotonic() - started < 3 * http.CONNECT_TIMEOUT_S
+        bounded_http.fetch(f"http://127.0.0.1:{port}/index.json")
+    assert time.monotonic() - started < 3 * bounded_http.CONNECT_TIMEOUT_S
 
 
 def test_webdataset_reads_http_shards_with_the_stall_limit():
@@ -55,11 +58,68 @@ def test_webdataset_reads_http_shards_with_the_stall_limit():
 
     import pipelines.sources  # noqa: F401  (installs the handler)
 
-    assert gopen_schemes["http"] is http.bounded_curl and gopen_schemes["https"] is http.bounded_curl
-    pipe = http.bounded_curl("http://127.0.0.1:9/x.tar")
+    assert gopen_schemes["http"] is bounded_http.bounded_curl and gopen_schemes["https"] is bounded_http.bounded_curl
+    pipe = bounded_http.bounded_curl("http://127.0.0.1:9/x.tar")
     try:
         command = pipe.args[0][0]  # Pipe keeps (popen args, popen kwargs)
-        assert command[command.index("--speed-time") + 1] == str(http.STALL_S)
+        assert command[command.index("--speed-time") + 1] == str(bounded_http.STALL_S)
     finally:
         pipe.proc.kill()
         pipe.proc.wait()
+
+
+
+class _StallingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, except that ``stall_name`` gets its headers and half its body, then silence."""
+
+    stall_name = ""
+    release = threading.Event()
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        path = Path(self.translate_path(self.path))
+        if path.name != self.stall_name:
+            return super().do_GET()
+        body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.release.wait(120)  # hold the connection open without sending a byte
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_shard_that_stalls_mid_body_is_cut_off_and_counted(tmp_path, monkeypatch):
+    from pipelines.loader import make_loader
+    from pipelines.shard import write_shards
+    from pipelines.synth import generate
+
+    generate(tmp_path / "coco", 1, 8, size=64, seed=0)
+    out = tmp_path / "shards"
+    write_shards(tmp_path / "coco" / "val", tmp_path / "coco" / "annotations" / "instances_val.json", out,
+                 shard_size=4, progress=False)
+    tars = sorted(p.name for p in out.glob("*.tar"))
+    assert len(tars) == 2
+    handler = type("Handler", (_StallingHandler,), {"stall_name": tars[1], "release": threading.Event()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(out)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(bounded_http, "STALL_S", 2)  # 30 s in a run; the mechanism is the same
+    try:
+        loader = make_loader(f"http://127.0.0.1:{server.server_address[1]}/index.json", train=False, batch_size=2,
+                             num_workers=0, val_scale=64, max_size=64)
+        started = time.monotonic()
+        with pytest.warns(UserWarning):
+            batches = list(loader)
+        seconds = time.monotonic() - started
+    finally:
+        handler.release.set()
+        server.shutdown()
+        server.server_close()
+    skips = loader.epoch_skips()
+    delivered = sorted(t["image_id"] for _, _, targets in batches for t in targets if t["image_id"] >= 0)
+    assert seconds < bounded_http.STALL_S + 10  # the stall limit, not a hang
+    assert skips["tar_errors"] >= 1 and skips["missing_samples"] >= 1, skips
+    assert 4 <= len(delivered) < 8 and len(set(delivered)) == len(delivered)  # the whole first shard, once each
+    assert len(batches) == 4  # evaluation pads the missing samples: every rank's batch count holds
