@@ -132,7 +132,7 @@ class EvalConfig:
     max_dets: int = doc("detections kept per image by the post-processor", 100)
     dam_images: int = doc("validation images drawn with their selected tokens and DAM target at every eval (0 = none)", 4)
     pred_images: int = doc("validation images drawn with ground truth and detections at every eval (0 = none)", 4)
-    pred_score_threshold: float = doc("detections drawn in the prediction pictures score at least this", 0.3)
+    pred_score_threshold: float = doc("the prediction pictures draw the 10 best detections that score at least this", 0.2)
 
 
 @dataclass

@@ -29,7 +29,7 @@ class EvalDiagnostics:
     """An ``observe`` callback for `evaluation.predict`; ``draw`` only on the rank that logs."""
 
     def __init__(self, out_dir: Path, *, epoch: int, draw: bool, pred_images: int, dam_images: int,
-                 categories: Mapping[int, str], score_threshold: float = 0.3, rho: float = 0.0):
+                 categories: Mapping[int, str], score_threshold: float = 0.2, rho: float = 0.0):
         self.out_dir, self.epoch, self.rho = Path(out_dir), epoch, rho
         self.pred_wanted = pred_images if draw else 0
         self.dam_wanted = dam_images if draw and rho > 0 else 0

@@ -166,26 +166,27 @@ def dam_picture(image: torch.Tensor, mask: torch.Tensor, selected: torch.Tensor,
 
 def prediction_picture(image: torch.Tensor, mask: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
                        boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, names: Mapping[int, str],
-                       path: Path, title: str = "", score_threshold: float = 0.3) -> Path:
+                       path: Path, title: str = "", score_threshold: float = 0.2, max_drawn: int = 10) -> Path:
     """One image with its ground truth and detections.
 
     image [3, H, W] (uint8 or normalised), mask [H, W] bool (True = padding); gt_boxes [N, 4] and boxes
     [K, 4] absolute xyxy pixels of the padded frame; gt_labels [N], labels [K], scores [K]; names:
-    category id -> name. Detections scoring below ``score_threshold`` are not drawn.
+    category id -> name. The ``max_drawn`` best detections scoring at least ``score_threshold`` are drawn.
     """
     valid_h, valid_w = valid_extent(mask)
     fig, ax = plt.subplots(figsize=(5.5, 5.5 * valid_h / max(valid_w, 1) + 0.6))
     ax.imshow(denormalise(image)[:valid_h, :valid_w])
     _draw_boxes(ax, gt_boxes, colour="white", style="--",
                 labels=[f"gt {names.get(int(c), int(c))}" for c in gt_labels.tolist()])
-    shown = scores >= score_threshold
+    shown = scores.argsort(descending=True)[:max_drawn]
+    shown = shown[scores[shown] >= score_threshold]
     for box, label, score in zip(boxes[shown].tolist(), labels[shown].tolist(), scores[shown].tolist()):
         _draw_boxes(ax, [box], colour=f"C{int(label) % 10}", style="-",
                     labels=[f"{names.get(int(label), int(label))} {score:.2f}"])
     ax.set_xlim(-0.5, valid_w - 0.5)
     ax.set_ylim(valid_h - 0.5, -0.5)
     ax.axis("off")
-    ax.set_title(f"{title}\nground truth (dashed, {len(gt_labels)}) and {int(shown.sum())} detections "
+    ax.set_title(f"{title}\nground truth (dashed, {len(gt_labels)}) and the {len(shown)} best detections "
                  f"with score >= {score_threshold:g}".strip(), fontsize=9)
     return _save(fig, path)
 
