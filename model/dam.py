@@ -1,4 +1,5 @@
-"""Decoder cross-Attention Map (DAM): where the decoder looks, as a target for the scoring network.
+"""Decoder cross-Attention Map (DAM): where the decoder looks, as a target for the scoring network,
+and how much of it the scoring network selects (`dam_recall`).
 
 Every decoder sampling point spreads its attention weight bilinearly onto the four encoder tokens
 around it; summing over decoder layers and heads gives one saliency value per token. The top
@@ -71,3 +72,24 @@ def dam_target(outputs: dict) -> Tensor:
     target = torch.zeros_like(attn_map)
     target.scatter_(1, topk_index, keep.float())
     return target
+
+
+@torch.no_grad()
+def dam_recall(outputs: dict, target: Tensor | None = None) -> Tensor:
+    """How much of the DAM target the scoring network selects: per image, the fraction of its DAM-target
+    tokens that are among its `sparse_token_nums[b]` selected tokens (the ones the sparse encoder
+    updates) -> [B] float32 in [0, 1].
+
+    outputs as for `dam_target`, plus 'backbone_topk_proposals' [B, K] (an image's picks past its own
+    sparse_token_nums are surplus and do not count); target [B, S] in {0, 1}, `dam_target(outputs)`
+    when None. Selection and target have the same size, so this recall is also the selection's precision.
+    """
+    if "backbone_topk_proposals" not in outputs:
+        raise KeyError("dam_recall: model outputs lack 'backbone_topk_proposals' (is rho > 0?)")
+    if target is None:
+        target = dam_target(outputs)
+    topk = outputs["backbone_topk_proposals"].to(target.device)
+    sparse_token_nums = outputs["sparse_token_nums"].to(target.device)
+    own = torch.arange(topk.shape[1], device=target.device)[None] < sparse_token_nums[:, None]
+    hits = (target.float().gather(1, topk) * own).sum(1)
+    return hits / target.float().sum(1).clamp(min=1)

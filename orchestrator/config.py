@@ -130,7 +130,9 @@ class TrainConfig:
 class EvalConfig:
     every: int = doc("evaluate every N epochs (and after the last)", 1)
     max_dets: int = doc("detections kept per image by the post-processor", 100)
-    dam_images: int = doc("validation images drawn with their selected tokens and DAM target", 4)
+    dam_images: int = doc("validation images drawn with their selected tokens and DAM target at every eval (0 = none)", 4)
+    pred_images: int = doc("validation images drawn with ground truth and detections at every eval (0 = none)", 4)
+    pred_score_threshold: float = doc("the prediction pictures draw the 10 best detections that score at least this", 0.2)
 
 
 @dataclass
@@ -452,6 +454,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "must be >= 1")
     _check(1 <= cfg.eval.max_dets <= m.num_queries * max(m.num_classes, 1), "eval.max_dets", cfg.eval.max_dets, "must be >= 1")
     _check(cfg.eval.dam_images >= 0, "eval.dam_images", cfg.eval.dam_images, "must be >= 0")
+    _check(cfg.eval.pred_images >= 0, "eval.pred_images", cfg.eval.pred_images, "must be >= 0")
+    _check(0.0 <= cfg.eval.pred_score_threshold <= 1.0, "eval.pred_score_threshold", cfg.eval.pred_score_threshold,
+           "must be in [0, 1]")
     c = cfg.cluster
     _check(c.address == "local" or c.address.startswith(("http://", "https://")) or c.address.endswith((".yaml", ".yml")),
            "cluster.address", c.address, "must be 'local', an http(s):// Ray dashboard address, or a *.yaml cluster spec")

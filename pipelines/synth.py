@@ -29,6 +29,7 @@ CATEGORIES = [
 SPLITS = {"train": 0, "val": 1}
 JPEG_QUALITY = 95
 MAX_SHAPES = 4
+SHAPE_SCALE = (0.15, 0.45)  # shape width as a fraction of the shorter image side
 MAX_PAIR_IOU = 0.25
 # Width/height ratios: some images are not square so that batch padding is exercised.
 ASPECTS = ((1.0, 1.0), (1.0, 0.75), (0.75, 1.0))
@@ -88,8 +89,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, category_id: int, box, rng: np.random
         raise DataError(f"unknown synthetic category id {category_id}")
 
 
-def render_image(seed: int, split: str, index: int, size: int):
-    """One synthetic image and its objects.
+def render_image(seed: int, split: str, index: int, size: int, *, max_shapes: int = MAX_SHAPES,
+                 scale: tuple[float, float] = SHAPE_SCALE):
+    """One synthetic image and its objects: 1..``max_shapes`` shapes whose width is a uniform fraction
+    in ``scale`` of the shorter side.
 
     Returns (PIL RGB image, list of (category_id, [x, y, w, h], area)); boxes are the tight
     pixel extents of each drawn shape's mask, area its pixel count.
@@ -100,9 +103,9 @@ def render_image(seed: int, split: str, index: int, size: int):
     canvas = Image.fromarray(_background(rng, width, height))
     short = min(width, height)
     placed, objects = [], []
-    for _ in range(int(rng.integers(1, MAX_SHAPES + 1))):
+    for _ in range(int(rng.integers(1, max_shapes + 1))):
         for _attempt in range(30):
-            bw = rng.uniform(0.15, 0.45) * short
+            bw = rng.uniform(*scale) * short
             bh = bw * rng.uniform(0.6, 1.6)
             bh = min(bh, 0.6 * short)
             x0 = rng.uniform(0, width - bw - 1)
@@ -126,13 +129,13 @@ def render_image(seed: int, split: str, index: int, size: int):
     return canvas, objects
 
 
-def _write_split(root: Path, split: str, count: int, size: int, seed: int) -> dict:
-    """Write root/split/*.jpg and return the split's COCO dict."""
+def _write_split(root: Path, split: str, count: int, size: int, seed: int, **shapes) -> dict:
+    """Write root/split/*.jpg and return the split's COCO dict (``shapes``: render_image's knobs)."""
     image_dir = root / split
     image_dir.mkdir(parents=True)
     images, annotations = [], []
     for index in range(count):
-        image, objects = render_image(seed, split, index, size)
+        image, objects = render_image(seed, split, index, size, **shapes)
         image_id = index + 1
         file_name = f"{image_id:012d}.jpg"
         image.save(image_dir / file_name, format="JPEG", quality=JPEG_QUALITY)
@@ -145,28 +148,38 @@ def _write_split(root: Path, split: str, count: int, size: int, seed: int) -> di
 
 
 def generate(out_dir, num_train: int, num_val: int, size: int = 256, seed: int = 0,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, max_shapes: int = MAX_SHAPES,
+             scale: tuple[float, float] = SHAPE_SCALE) -> dict:
     """Write a synthetic COCO dataset.
 
     Layout: out_dir/train/*.jpg, out_dir/val/*.jpg, out_dir/annotations/instances_{train,val}.json.
     The dataset is built in a staging directory next to `out_dir` and moved into place when
     complete, so an interrupted run never leaves a partial dataset under `out_dir`.
 
+    `max_shapes` and `scale` (shape width as a fraction of the shorter side, low <= high) set how
+    many and how large the shapes are; the defaults draw the same bytes as before these knobs existed.
+
     Raises FileExistsError if `out_dir` is not empty and `overwrite` is false; DataError for
-    invalid sizes or counts. Returns a summary dict (paths, image and annotation counts).
+    invalid sizes, counts or shape knobs. Returns a summary dict (paths, image and annotation counts).
     """
     for name, value, low in (("num_train", num_train, 0), ("num_val", num_val, 0), ("size", size, 32)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
     if num_train + num_val == 0:
         raise DataError("num_train + num_val must be > 0")
+    if not isinstance(max_shapes, int) or isinstance(max_shapes, bool) or max_shapes < 1:
+        raise DataError(f"max_shapes must be an integer >= 1, got {max_shapes!r}")
+    low, high = (float(v) for v in scale)
+    if not 0.02 <= low <= high <= 0.9:
+        raise DataError(f"scale must be (low, high) with 0.02 <= low <= high <= 0.9, got {tuple(scale)!r}")
     out = check_out_dir(out_dir, overwrite)
     stage = staging_dir(out)
     try:
         (stage / "annotations").mkdir()
-        summary = {"out_dir": str(out), "size": size, "seed": seed, "splits": {}}
+        summary = {"out_dir": str(out), "size": size, "seed": seed, "max_shapes": max_shapes,
+                   "scale": [low, high], "splits": {}}
         for split, count in (("train", num_train), ("val", num_val)):
-            coco = _write_split(stage, split, count, size, seed)
+            coco = _write_split(stage, split, count, size, seed, max_shapes=max_shapes, scale=(low, high))
             ann_file = stage / "annotations" / f"instances_{split}.json"
             ann_file.write_text(json.dumps(coco))
             summary["splits"][split] = {

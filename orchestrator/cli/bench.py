@@ -1,4 +1,4 @@
-"""`sdo bench ...`: benchmarks that print JSON (ops, data, train, flops)."""
+"""`sdo bench ...`: benchmarks that print JSON (ops, data, train, flops, demo)."""
 import click
 
 
@@ -135,3 +135,30 @@ def train_command(config_path, overrides, workers, steps, warmup, repeats, batch
     click.echo(text)
     if out:
         Path(out).write_text(text + "\n")
+
+
+@bench.command("demo")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Run directory of the demo run (runs/<name>).")
+@click.option("--started-at", type=float, default=None,
+              help="Unix time the demo started (`date +%s.%N` before `just demo`); gives the wall time.")
+@click.option("--min-ap50", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Fail when the final AP50 is below this.")
+@click.option("--max-seconds", type=click.FloatRange(min=0), default=None,
+              help="Fail when the wall time is over this (default: no limit).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
+def demo_command(run_dir, started_at, min_ap50, max_seconds, out) -> None:
+    """`just demo-check`: the demo run's AP curve and wall time; exit 1 when it did not learn (or was too slow)."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.bench import demo as bench_demo
+
+    report = bench_demo.report(Path(run_dir), started_at=started_at, min_ap50=min_ap50, max_seconds=max_seconds)
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    if not report["passed"]:
+        raise bench_demo.DemoCheckFailed("demo check: " + "; ".join(report["failures"]))

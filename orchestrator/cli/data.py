@@ -18,12 +18,17 @@ def data() -> None:
 @click.option("--size", default=256, show_default=True, type=click.IntRange(min=32),
               help="Longer image side in pixels (some images are 3:4 or 4:3).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Dataset seed (same seed, same bytes).")
+@click.option("--max-shapes", default=4, show_default=True, type=click.IntRange(min=1),
+              help="At most this many shapes per image (at least one).")
+@click.option("--scale", nargs=2, type=float, default=(0.15, 0.45), show_default=True,
+              help="Shape width as a fraction LOW HIGH of the shorter image side.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-def synth(out_dir, num_train, num_val, size, seed, overwrite) -> None:
+def synth(out_dir, num_train, num_val, size, seed, max_shapes, scale, overwrite) -> None:
     """Write a synthetic COCO dataset of shapes: OUT/{train,val}/*.jpg + OUT/annotations/*.json."""
     from pipelines.synth import generate
 
-    summary = generate(out_dir, num_train, num_val, size=size, seed=seed, overwrite=overwrite)
+    summary = generate(out_dir, num_train, num_val, size=size, seed=seed, overwrite=overwrite,
+                       max_shapes=max_shapes, scale=tuple(scale))
     for split, info in summary["splits"].items():
         click.echo(f"{split}: {info['images']} images, {info['annotations']} boxes -> {info['image_dir']}, "
                    f"{info['annotation_file']}")

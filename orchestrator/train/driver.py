@@ -83,7 +83,7 @@ def finalize(cfg: Config, run: dict, result) -> dict:
         "run_dir": str(directory),
         "metrics": metrics,
         "AP": metrics.get("AP"),
-        "eval": {k: metrics[k] for k in AP_KEYS if k in metrics},
+        "eval": {k: metrics[k] for k in (*AP_KEYS, "dam_recall") if k in metrics},
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": str(best_path) if best_path else None,
         "mlflow_run_id": run["mlflow_run_id"],

@@ -30,10 +30,13 @@ def image_id(target: dict) -> int:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, postprocess, loader, device: torch.device, *, autocast_dtype=None,
-            max_batches: int | None = None) -> list[dict]:
+            max_batches: int | None = None, observe=None) -> list[dict]:
     """COCO-format predictions of this process's share of ``loader``.
 
     -> [{'image_id', 'category_id', 'bbox' [x, y, w, h], 'score'}], boxes in original image pixels.
+    ``observe(images, mask, targets, outputs, results)``, when given, sees every batch's forward pass
+    (results: PostProcess's per-image dicts on the CPU, original pixels), so that diagnostics such as
+    `dam_recall` and pictures cost no second pass.
     """
     from pipelines.coco_eval import to_coco_predictions
 
@@ -50,6 +53,8 @@ def predict(model: torch.nn.Module, postprocess, loader, device: torch.device, *
             orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
             results = postprocess(outputs, orig_sizes)
             results = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in r.items()} for r in results]
+            if observe is not None:
+                observe(images, mask, targets, outputs, results)
             predictions.extend(to_coco_predictions(results, [image_id(t) for t in targets]))
     finally:
         model.train(was_training)

@@ -40,6 +40,7 @@ from orchestrator.train.step import (
 log = logging.getLogger(__name__)
 
 AP_KEYS = evaluation.AP_KEYS
+EVAL_KEYS = (*AP_KEYS, "dam_recall")  # logged per epoch, beside the epoch means of the losses
 
 
 class Trainer:
@@ -236,54 +237,34 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(self, epoch: int) -> dict[str, float]:
+        """COCO AP/AR and ``dam_recall`` (rho > 0) of this epoch, the same on every rank; rank 0 logs the
+        eval json and the prediction and DAM pictures of its first val images (plots/.../epoch_NNNN)."""
+        from orchestrator.train.diagnostics import EvalDiagnostics
         from pipelines.records import records_to_coco
 
+        categories = self.val_loader.index["categories"]
+        diagnostics = EvalDiagnostics(self.run_dir / "plots", epoch=epoch, draw=self.rank == 0,
+                                      pred_images=self.cfg.eval.pred_images, dam_images=self.cfg.eval.dam_images,
+                                      categories={c["id"]: c["name"] for c in categories}, rho=self.cfg.model.rho,
+                                      score_threshold=self.cfg.eval.pred_score_threshold)
         predictions = evaluation.predict(self.module, self.postprocess, self.val_loader, self.device,
-                                         autocast_dtype=self.amp_dtype)
+                                         autocast_dtype=self.amp_dtype, observe=diagnostics)
         gathered = evaluation.gather_predictions(predictions)
         # ground truth = the records the val loader decoded for these predictions (one parser, no disagreement)
         truth = evaluation.gather_predictions(self.val_loader.ground_truth_records())
+        recall_sum = all_reduce_sum(diagnostics.recall_sum, self.device)
+        recall_count = all_reduce_sum(float(diagnostics.recall_count), self.device)
         metrics = None
         if self.rank == 0:
-            metrics = evaluation.coco_metrics(gathered, records_to_coco(truth, self.val_loader.index["categories"]))
+            metrics = evaluation.coco_metrics(gathered, records_to_coco(truth, categories))
+            if recall_count > 0:
+                metrics["dam_recall"] = recall_sum / recall_count
             path = evaluation.write_eval_json(self.run_dir / "eval" / f"epoch_{epoch:04d}.json", metrics,
                                               epoch=epoch, num_predictions=len(gathered))
             self.logger.artifact(path, "eval")
+            for folder in sorted({picture.parent for picture in diagnostics.pictures}):
+                self.logger.artifact(folder, folder.relative_to(self.run_dir).as_posix())
         return evaluation.broadcast(metrics)
-
-    def dam_pictures(self, epoch: int) -> None:
-        """Rank 0: selected tokens and DAM target of the first ``eval.dam_images`` val images."""
-        from model.dam import dam_target
-        from orchestrator.train import plots
-
-        wanted = self.cfg.eval.dam_images
-        if self.rank != 0 or wanted == 0 or self.cfg.model.rho <= 0:
-            return
-        self.module.eval()
-        drawn = 0
-        out_dir = self.run_dir / "plots" / "dam"
-        with torch.no_grad():
-            for images, mask, targets in self.val_loader:
-                images, mask, targets = evaluation.to_device(images, mask, targets, self.device)
-                outputs = self.module(images, mask)
-                target = dam_target(outputs).cpu()
-                shapes, starts = outputs["spatial_shapes"].cpu(), outputs["level_start_index"].cpu()
-                for b in range(images.shape[0]):
-                    image_id = evaluation.image_id(targets[b])
-                    if drawn >= wanted or image_id < 0:  # negative ids pad the last val batch
-                        continue
-                    kept = int(outputs["sparse_token_nums"][b])  # [B, K] rows are padded to the batch's largest K
-                    selected = plots.selected_token_values(outputs["backbone_topk_proposals"][b, :kept], target.shape[1])
-                    valid = ~outputs["mask_flatten"][b].cpu()
-                    plots.dam_picture(images[b].cpu(), mask[b].cpu(), selected * valid, target[b] * valid, shapes,
-                                      starts, out_dir / f"dam_image{image_id}.png",
-                                      title=f"epoch {epoch}, image {image_id}, rho={self.cfg.model.rho}")
-                    drawn += 1
-                if drawn >= wanted:
-                    break
-        self.module.train()
-        if drawn:
-            self.logger.artifact(out_dir, "plots/dam")
 
     def check_data(self, split: str, loader) -> None:
         """data/skipped_{split}_* of the loader's latest pass, summed over ranks and logged by rank 0;
@@ -320,10 +301,8 @@ class Trainer:
                 self.check_data("val", self.val_loader)
             metrics.update(self.last_eval or {"AP": 0.0})
             metrics["step"] = self.step
-            if last:
-                self.dam_pictures(epoch)
             if self.logger is not None:
-                epoch_metrics = {k: v for k, v in metrics.items() if k in ("epoch", "img_per_s", "epoch_time", *AP_KEYS)}
+                epoch_metrics = {k: v for k, v in metrics.items() if k in ("epoch", "img_per_s", "epoch_time", *EVAL_KEYS)}
                 self.logger.metrics({**epoch_metrics,
                                      **{f"epoch_{k}": v for k, v in metrics.items() if k.startswith("loss")}},
                                     step=self.step)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model.dam import attn_map_to_flat_grid, dam_target
+from model.dam import attn_map_to_flat_grid, dam_recall, dam_target
 
 SHAPES = torch.tensor([[4, 5], [2, 3]])
 START = torch.tensor([0, 20])
@@ -80,3 +80,51 @@ def test_dam_target_selects_top_tokens_per_image_and_never_padding():
 def test_dam_target_names_missing_key():
     with pytest.raises(KeyError, match="sparse_token_nums"):
         dam_target({"sampling_locations_dec": 0, "attn_weights_dec": 0, "spatial_shapes": 0, "level_start_index": 0})
+
+
+def test_dam_recall_of_a_hand_made_selection():
+    # image 0 selects 3 tokens, 2 of them in its 3-token target; image 1 selects 2 (+ 1 surplus pick that
+    # is in the target but must not count), 1 of its 2 target tokens
+    target = torch.zeros(2, 10)
+    target[0, [1, 4, 7]] = 1
+    target[1, [2, 5]] = 1
+    outputs = {"backbone_topk_proposals": torch.tensor([[4, 7, 0], [5, 9, 2]]),
+               "sparse_token_nums": torch.tensor([3, 2])}
+    assert torch.allclose(dam_recall(outputs, target), torch.tensor([2 / 3, 1 / 2]))
+
+
+def test_dam_recall_of_a_real_forward_equals_a_set_reference():
+    from tiny_model import model_cfg
+
+    from model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg(rho=0.3)).eval()
+    images = torch.randn(2, 3, 96, 128)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, :, 96:] = True
+    with torch.no_grad():
+        outputs = model(images, mask)
+    recall = dam_recall(outputs)
+    # reference: the selection re-derived from the scores as a set; the target is a top-num set of the
+    # naive attention splat (an untrained decoder leaves many tokens tied at 0, so any top set is valid)
+    target = dam_target(outputs)
+    shapes, starts = outputs["spatial_shapes"], outputs["level_start_index"]
+    attn = naive_flat_grid(shapes, starts, outputs["sampling_locations_dec"], outputs["attn_weights_dec"])
+    for b in range(2):
+        valid = (~outputs["mask_flatten"][b]).nonzero().flatten().tolist()
+        num = int(outputs["sparse_token_nums"][b])
+        assert num == min(int(len(valid) * 0.3) + 1, len(valid))
+        scores = outputs["backbone_mask_prediction"][b]
+        selected = set(sorted(valid, key=lambda i: -float(scores[i]))[:num])
+        targeted = set(target[b].nonzero().flatten().tolist())
+        rest = set(valid) - targeted
+        assert len(targeted) == num and targeted <= set(valid)
+        assert min(float(attn[b, i]) for i in targeted) >= max(float(attn[b, i]) for i in rest) - 1e-6
+        assert float(recall[b]) == pytest.approx(len(selected & targeted) / num, abs=1e-6)
+    assert 0.0 < float(recall.mean()) < 1.0  # an untrained scoring network: some overlap, not all
+
+
+def test_dam_recall_names_missing_selection():
+    with pytest.raises(KeyError, match="backbone_topk_proposals"):
+        dam_recall({}, torch.zeros(1, 4))

@@ -44,7 +44,7 @@ def tiny_config(path: Path, shards: dict[str, Path], storage: Path, **train_over
                  "random_crop": False},
         "train": {"epochs": 2, "num_workers": 2, "max_steps_per_epoch": 2, "log_every": 1, "lr_drop": 1,
                   "storage_path": str(storage), "max_failures": 2, "scale_lr": True, **train_overrides},
-        "eval": {"every": 1, "dam_images": 2},
+        "eval": {"every": 1, "dam_images": 1, "pred_images": 1},  # drawn at every eval: few, to stay cheap
         "cluster": {"num_cpus": 2, "dashboard_port": free_port()},
     }
     path.write_text(yaml.safe_dump(values, sort_keys=False))

@@ -73,3 +73,20 @@ def test_bad_arguments_raise_data_error(tmp_path):
         generate(tmp_path / "e", -1, 1)
     with pytest.raises(DataError, match="size"):
         generate(tmp_path / "e", 1, 1, size=8)
+
+
+def test_shape_knobs_bound_count_and_size(tmp_path):
+    generate(tmp_path / "k", 12, 0, size=96, max_shapes=1, scale=(0.4, 0.5))
+    coco = json.loads((tmp_path / "k/annotations/instances_train.json").read_text())
+    per_image = {}
+    for ann in coco["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    assert sorted(per_image.values()) == [1] * 12
+    shorter = {i["id"]: min(i["width"], i["height"]) for i in coco["images"]}
+    # the tight box of a shape drawn in a box of width 0.4-0.5 x the shorter side (+1 px of rasterisation)
+    assert all(0.4 * shorter[a["image_id"]] - 1 <= a["bbox"][2] <= 0.5 * shorter[a["image_id"]] + 2
+               for a in coco["annotations"])
+    with pytest.raises(DataError, match="max_shapes"):
+        generate(tmp_path / "e", 1, 1, max_shapes=0)
+    with pytest.raises(DataError, match="scale"):
+        generate(tmp_path / "e", 1, 1, scale=(0.5, 0.4))

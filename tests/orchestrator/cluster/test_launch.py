@@ -8,6 +8,8 @@ checkpoint artifacts, plots), fault tolerance and resume, all in one MLflow run.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -86,6 +88,12 @@ def test_per_step_metrics_cover_every_step_once(run):
         assert all(m.value >= 0 for m in history)
     ap = [m.value for m in client.get_metric_history(run_id, "AP")]
     assert all(0.0 <= v <= 1.0 for v in ap)
+    # dam_recall: one value per evaluated epoch, at the epoch's last step, as in the eval json
+    recall = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "dam_recall"))
+    assert [step for step, _ in recall] == [STEPS, 2 * STEPS, 3 * STEPS]
+    assert all(0.0 < value <= 1.0 for _, value in recall)
+    stored = json.loads((run["root"] / "runs" / "tiny" / "eval" / "epoch_0002.json").read_text())
+    assert stored["metrics"]["dam_recall"] == pytest.approx(recall[-1][1])
 
 
 def test_checkpoint_artifacts_hold_the_training_state(run, tmp_path):
@@ -95,7 +103,10 @@ def test_checkpoint_artifacts_hold_the_training_state(run, tmp_path):
                  "checkpoints/best/checkpoint.pt", "eval/epoch_0000.json", "eval/epoch_0001.json", "eval/epoch_0002.json",
                  "plots/loss_curves.png", "plots/ap_per_epoch.png"):
         assert name in names, name
-    assert len([n for n in names if n.startswith("plots/dam/") and n.endswith(".png")]) == 2
+    # drawn at every eval, one folder per epoch (tiny_config: one prediction and one DAM picture)
+    for epoch in range(EPOCHS):
+        for folder in (f"plots/dam/epoch_{epoch:04d}/", f"plots/predictions/epoch_{epoch:04d}/"):
+            assert len([n for n in names if n.startswith(folder) and n.endswith(".png")]) == 1, folder
     local = client.download_artifacts(run_id, "checkpoints/final/checkpoint.pt", str(tmp_path))
     state = checkpoints.load(local)
     assert (state["epoch"], state["step"], state["mlflow_run_id"]) == (EPOCHS - 1, EPOCHS * STEPS, run_id)
