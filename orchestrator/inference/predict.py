@@ -101,10 +101,12 @@ def _batches(files: list[Path], transforms, batch_size: int, report: PredictRepo
 
 @torch.no_grad()
 def _detect(model, postprocess, batch, device):
-    from pipelines.loader import collate
+    from pipelines.loader import collate_uint8
+    from pipelines.transforms import normalize_batch
 
-    images, mask, _ = collate([(pixels, {}) for _, pixels, _ in batch])
-    outputs = model(images.to(device), mask.to(device))
+    images, mask, _ = collate_uint8([(pixels, {}) for _, pixels, _ in batch])
+    mask = mask.to(device)
+    outputs = model(normalize_batch(images.to(device), mask), mask)
     sizes = torch.tensor([size for _, _, size in batch], dtype=torch.int64, device=device)
     return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in r.items()}
             for r in postprocess(outputs, sizes)]

@@ -18,9 +18,16 @@ AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "A
 
 
 def to_device(images: torch.Tensor, mask: torch.Tensor, targets: list[dict], device: torch.device):
-    """Move a loader batch to ``device`` (target tensors too; ints such as image_id stay as they are)."""
+    """Move a loader batch to ``device`` (target tensors too; ints such as image_id stay as they are);
+    uint8 pixels [B, 3, H, W] become the model's float32 input there (normalised after the copy:
+    a quarter of the bytes cross to the device)."""
+    from pipelines.transforms import normalize_batch
+
     moved = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-    return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), moved
+    images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalize_batch(images, mask)
+    return images, mask, moved
 
 
 def image_id(target: dict) -> int:
