@@ -165,7 +165,7 @@ def measure_cell(model, setting: Setting, inputs, device: torch.device, *, warmu
         time_calls(forward, inputs, device, max(warmup - 1, 0))
         timed = time_calls(forward, inputs, device, iters)
     total = sum(timed)
-    cell = {"fps": round(batch * iters / total, 4), "seconds_per_image": round(total / (batch * iters), 4),
+    cell = {"fps": round(batch * iters / total, 4), "seconds_per_image": round(total / (batch * iters), 6),
             "median_seconds_per_iter": round(statistics.median(timed), 4), "first_call_seconds": round(first, 3),
             "timed_iters": iters, "warmup_iters": max(warmup, 1)}
     if setting.mode == "compile":
