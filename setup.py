@@ -98,6 +98,7 @@ def _setup() -> None:
             "scipy>=1.10",
             "numpy>=1.24",
             "pillow>=10.0",
+            "simplejpeg>=1.7",  # the loader's JPEG decoder (libjpeg-turbo, no PIL object in between)
             "tqdm>=4.66",
             "matplotlib>=3.7",
             "kubernetes>=29.0",

@@ -115,6 +115,8 @@ class TrainConfig:
     use_gpu: bool = doc("train on GPUs (nccl); false = CPU (gloo)", False)
     cpus_per_worker: int = doc("CPUs reserved per Ray Train worker", 1)
     amp: str = doc("mixed precision on GPU: bf16 | fp16 | none", "bf16")
+    compile: bool = doc("torch.compile the training forward (opt-in: the first steps pay the compile time, and "
+                        "every new padded image size may compile again)", False)
     seed: int = doc("random seed", 42)
     log_every: int = doc("report training metrics every N steps", 10)
     max_steps_per_epoch: int | None = doc("cap on steps per epoch (null = full epoch from the index)", None)

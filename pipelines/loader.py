@@ -97,12 +97,32 @@ def _batch_tensor(shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
+def collate_uint8(samples):
+    """[(image uint8 [3, h_i, w_i], target)] -> (images uint8 [B, 3, H, W] zero padded, mask [B, H, W]
+    bool True = pad, targets): what the loader's workers hand over.
+
+    The pixels stay uint8 (a quarter of float32's bytes through shared memory and to the device);
+    `pipelines.transforms.normalize_batch` turns them into the model's input on the training device.
+    """
+    height = max(image.shape[1] for image, _ in samples)
+    width = max(image.shape[2] for image, _ in samples)
+    images = _batch_tensor((len(samples), 3, height, width), torch.uint8)
+    mask = torch.ones(len(samples), height, width, dtype=torch.bool)
+    for i, (image, _) in enumerate(samples):
+        h, w = image.shape[1:]
+        images[i, :, :h, :w] = image
+        images[i, :, h:, :].zero_()
+        images[i, :, :h, w:].zero_()
+        mask[i, :h, :w] = False
+    return images, mask, [target for _, target in samples]
+
+
 def collate(samples):
     """[(image uint8 [3, h_i, w_i], target)] -> (images [B, 3, H, W] float32 ImageNet-normalised,
     zero padded; mask [B, H, W] bool True = pad; targets).
 
-    Runs in the DataLoader workers, so that the consumer (the training process) only receives
-    ready batches; normalising there in one pass per image is cheaper than a batch-wide pass later.
+    The float path the loader used before it shipped uint8 (`collate_uint8` + `normalize_batch` give
+    the same numbers); kept as the reference that `sdo bench data` and the tests compare against.
     """
     height = max(image.shape[1] for image, _ in samples)
     width = max(image.shape[2] for image, _ in samples)
@@ -222,9 +242,9 @@ class EpochDataset(IterableDataset):
     """One epoch of one rank; each DataLoader worker yields (batch, worker id, its stats so far)."""
 
     def __init__(self, plans: list[WorkerPlan], transforms, *, train: bool, batch_size: int,
-                 shuffle_buffer: int, seed: int, epoch: int, rank: int):
+                 shuffle_buffer: int, seed: int, epoch: int, rank: int, collate_fn=collate_uint8):
         super().__init__()
-        self.plans, self.transforms, self.train = plans, transforms, train
+        self.plans, self.transforms, self.train, self.collate = plans, transforms, train, collate_fn
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.stats = Counter()
@@ -329,7 +349,7 @@ class EpochDataset(IterableDataset):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 records = [record for _, _, record in batch if record is not None]
-                yield collate([(image, target) for image, target, _ in batch]), worker, dict(self.stats), records
+                yield self.collate([(image, target) for image, target, _ in batch]), worker, dict(self.stats), records
                 batch = []
         yield None, worker, dict(self.stats), []
 
@@ -340,7 +360,8 @@ def _as_is(item):
 
 
 class ShardLoader:
-    """Iterable over (images [B, 3, H, W], mask [B, H, W] bool, targets) for one rank.
+    """Iterable over (images [B, 3, H, W] uint8, mask [B, H, W] bool, targets) for one rank; the
+    consumer normalises the pixels on its device (`pipelines.transforms.normalize_batch`).
 
     len(loader) is the number of batches per epoch (equal on every rank); call set_epoch(e) before
     iterating to get epoch e's shuffle and augmentations. `stats` counts skipped data (see module
@@ -364,6 +385,7 @@ class ShardLoader:
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.transforms = make_transforms(train, scales=tuple(scales), max_size=max_size, val_scale=val_scale,
                                           random_crop=random_crop)
+        self.collate = collate_uint8  # how the workers batch samples (the bench swaps in the float path)
         self.epoch = 0
         self._stats_total, self._stats_epoch = Counter(), Counter()
         self._records: list[dict] = []
@@ -408,7 +430,8 @@ class ShardLoader:
     def __iter__(self):
         plans, _ = self._plan(self.epoch)
         dataset = EpochDataset(plans[self.rank], self.transforms, train=self.train, batch_size=self.batch_size,
-                               shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank)
+                               shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                               collate_fn=self.collate)
         # its own generator: drawing the workers' base seed from the global RNG would shift the dropout
         # draws of a run resumed mid-epoch (the iterator is created at a different point of the stream)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,

@@ -3,8 +3,9 @@
 Every transform is called as `t(image, target, rng)` with a PIL RGB image, a target dict
 (`boxes` [N, 4] absolute xyxy float32, `labels` [N] int64, `area` [N], `iscrowd` [N], `size`
 [2] (h, w)), and a `random.Random` so that augmentations are reproducible per worker and epoch.
-`ToTensor` ends the chain: image -> uint8 [3, H, W], boxes -> normalised cxcywh; the pixels are
-normalised (ImageNet mean/std, float32) into the padded batch by `pipelines.loader.collate`.
+`ToTensor` ends the chain: image -> uint8 [3, H, W], boxes -> normalised cxcywh; the loader batches
+the pixels as uint8 and the consumer normalises them (ImageNet mean/std, float32) on its device with
+`normalize_batch`.
 """
 from __future__ import annotations
 
@@ -150,8 +151,7 @@ class Compose:
 class ToTensor:
     """PIL -> uint8 [3, H, W] tensor; boxes -> normalised cxcywh.
 
-    Pixels stay uint8 until `pipelines.loader.collate` normalises them straight into the padded
-    float32 batch (one pass per image instead of a float image plus a copy).
+    Pixels stay uint8 through the loader; `normalize_batch` makes floats of them on the device.
     """
 
     def __call__(self, image, target, rng: random.Random):
@@ -181,10 +181,17 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return normalize_into(torch.empty(pixels.shape, dtype=torch.float32), pixels)
 
 
+def normalize_batch(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] + mask [B, H, W] (True = pad) -> float32 [B, 3, H, W], ImageNet-normalised and
+    zero at the padding, on the tensors' device: the numbers `pipelines.loader.collate` gives on CPU."""
+    scale, shift = _SCALE.to(images.device), _NEG_SHIFT.to(images.device)
+    return images.float().mul_(scale).add_(shift).masked_fill_(mask.unsqueeze(1), 0.0)
+
+
 def make_transforms(train: bool, scales=DEFAULT_SCALES, max_size: int = 1333, val_scale: int = 800,
                     random_crop: bool = True) -> Compose:
     """DETR's make_coco_transforms: flip + (multi-scale resize | resize-crop-resize) for training,
-    a single resize to `val_scale` for evaluation; then ToTensor (uint8; loader.collate normalises)."""
+    a single resize to `val_scale` for evaluation; then ToTensor (uint8; normalize_batch normalises)."""
     if not train:
         return Compose([RandomResize([val_scale], max_size=max_size), ToTensor()])
     multi_scale = RandomResize(scales, max_size=max_size)

@@ -1,1 +1,1 @@
-"""`sdo bench ops|data|train`: benchmarks that print JSON (``flops`` lives in the CLI over model.flops)."""
+"""`sdo bench ops|data|train|model`: benchmarks that print JSON (``flops`` lives in the CLI over model.flops)."""

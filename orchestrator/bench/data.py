@@ -5,9 +5,9 @@ reported), with the same number of worker processes:
 - bare_decode: worker processes read each local file and decode it to RGB pixels, nothing else
   (the physical limit of this machine's JPEG decoder);
 - folder: DETR's data path - a map-style Dataset, one file per image + a pycocotools COCO index,
-  shuffled torch DataLoader, the same transforms and collate as the shard loader;
+  shuffled torch DataLoader, the same transforms and (uint8) collate as the shard loader;
 - shard: pipelines.loader over WebDataset shards of the same images.
-Transform settings: `decode` (decode + normalised tensor + padded batch, no augmentation: isolates
+Transform settings: `decode` (decode + uint8 tensor + padded batch, no augmentation: isolates
 the data path) and `train` (DETR's full training augmentations).
 Storage: `local` (files on this machine's disk, in the page cache) and `http` (the same files
 served by an HTTP server on 127.0.0.1: one GET per image for the folder loader, one per shard for
@@ -37,7 +37,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipelines.loader import collate, decode_image, make_loader
+from pipelines.loader import collate_uint8, decode_image, make_loader
 from pipelines.shard import INDEX_NAME, write_shards
 from pipelines.synth import generate
 from pipelines.transforms import Compose, ToTensor, make_transforms, prepare_target
@@ -123,10 +123,12 @@ def _transforms(mode: str, scales, max_size: int):
     return make_transforms(True, scales=scales, max_size=max_size, random_crop=True)
 
 
-def _summary(runs: dict[str, list[float]]) -> dict:
+def _summary(runs: dict[str, list[float]], cores: int) -> dict:
     medians = {name: statistics.median(values) for name, values in runs.items()}
     return {
         **{f"{name}_img_per_s": round(value, 2) for name, value in medians.items()},
+        # every loader (and the bare decode) runs `workers` processes: per core = rate / min(workers, cpus)
+        **{f"{name}_img_per_s_per_core": round(value / cores, 2) for name, value in medians.items()},
         "shard_vs_folder": round(medians["shard"] / medians["folder"], 3),
         "shard_vs_bare_decode": round(medians["shard"] / medians["bare_decode"], 3),
         "shard_vs_folder_epoch": round(medians["shard_epoch"] / medians["folder_epoch"], 3),
@@ -159,7 +161,7 @@ def run(*, images: int = 192, image_size: int = 640, batch_size: int = 4, worker
                         runs["bare_decode"].append(_bare_decode(pool, paths, workers))
                         folder = DataLoader(FolderDataset(folder_source, ann, transforms, seed=repeat),
                                             batch_size=batch_size, shuffle=True, drop_last=True,
-                                            num_workers=workers, collate_fn=collate)
+                                            num_workers=workers, collate_fn=collate_uint8)
                         steady, epoch = _images_per_second(folder)
                         runs["folder"].append(steady)
                         runs["folder_epoch"].append(epoch)
@@ -169,7 +171,7 @@ def run(*, images: int = 192, image_size: int = 640, batch_size: int = 4, worker
                         steady, epoch = _images_per_second(shard)
                         runs["shard"].append(steady)
                         runs["shard_epoch"].append(epoch)
-                    results.setdefault(storage, {})[mode] = _summary(runs)
+                    results.setdefault(storage, {})[mode] = _summary(runs, min(workers, os.cpu_count() or 1))
     return {
         "benchmark": "data",
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,

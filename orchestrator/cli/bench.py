@@ -1,4 +1,4 @@
-"""`sdo bench ...`: benchmarks that print JSON (ops, data, train, flops, demo)."""
+"""`sdo bench ...`: benchmarks that print JSON (ops, data, train, model, flops, demo)."""
 import click
 
 
@@ -162,3 +162,72 @@ def demo_command(run_dir, started_at, min_ap50, max_seconds, out) -> None:
         Path(out).write_text(text + "\n")
     if not report["passed"]:
         raise bench_demo.DemoCheckFailed("demo check: " + "; ".join(report["failures"]))
+
+
+def _floats(option: str, text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise ValueError(f"{option}: expected comma-separated keep ratios in [0, 1] (0 = dense), got {text!r}")
+    return values
+
+
+def _ints(option: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{option}: expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _subset(option: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    picked = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not picked or any(v not in allowed for v in picked):
+        raise ValueError(f"{option}: expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+    return picked
+
+
+@bench.command("model")
+@click.option("--height", default=850, show_default=True, type=click.IntRange(min=64), help="image height (official: 850)")
+@click.option("--width", default=1040, show_default=True, type=click.IntRange(min=64), help="image width (official: 1040)")
+@click.option("--shards", default=None, help="time the first validation images of these shards instead of random pixels")
+@click.option("--rhos", default="0,0.1,0.2,0.3,0.5", show_default=True, help="keep ratios; 0 = dense (Deformable DETR)")
+@click.option("--batch-sizes", default="1,4", show_default=True)
+@click.option("--ops", "ops_", default="native,reference", show_default=True, help="deformable-attention op (first = base)")
+@click.option("--modes", default="eager,compile", show_default=True, help="eager and/or torch.compile (first = base)")
+@click.option("--dtypes", default="fp32,bf16", show_default=True,
+              help="fp32 and/or bf16 autocast, where the device computes in bf16 (first = base)")
+@click.option("--cross", is_flag=True, help="every op x mode x dtype [default: the base and one axis changed at a time]")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=1), help="untimed iterations per cell")
+@click.option("--iters", default=2, show_default=True, type=click.IntRange(min=1), help="timed iterations per cell")
+@click.option("--backbone", default="resnet50", show_default=True)
+@click.option("--device", default=None, help="cpu | cuda [default: cuda when there is one]")
+@click.option("--quick", is_flag=True, help="dense and rho 0.1, batch 1, one timed iteration: checks the harness")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
+def model_command(height, width, shards, rhos, batch_sizes, ops_, modes, dtypes, cross, warmup, iters, backbone,
+                  device, quick, out) -> None:
+    """Detector FPS (paper convention) with GFLOPs: dense vs rho, native vs reference op, eager vs
+    torch.compile, fp32 vs bf16."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.bench import model as bench_model
+
+    rho_list, batch_list = _floats("--rhos", rhos), _ints("--batch-sizes", batch_sizes)
+    op_list = _subset("--ops", ops_, bench_model.OPS)
+    mode_list = _subset("--modes", modes, bench_model.MODES)
+    dtype_list = _subset("--dtypes", dtypes, bench_model.DTYPES)
+    if quick:
+        rho_list, batch_list, iters = (0.0, 0.1), (1,), 1
+    report = bench_model.run(height=height, width=width, rhos=rho_list, batch_sizes=batch_list, ops=op_list,
+                             modes=mode_list, dtypes=dtype_list, cross=cross, warmup=warmup, iters=iters,
+                             backbone=backbone, shards=shards, device=device)
+    report["config"]["quick"] = quick
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -26,9 +26,12 @@ import click
               help="MLflow store of runs:/ and models:/ URIs [default: the config's, $MLFLOW_TRACKING_URI, "
                    "or ./runs/mlflow].")
 @click.option("--no-pictures", is_flag=True, help="Write detections.json only.")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the model [default: when the images pay for the compile time, "
+                   "see orchestrator.train.evaluation.COMPILE_PAYS_AFTER_IMAGES].")
 def predict(inputs: tuple, model_spec: str, out_dir: str, config_path: str | None, overrides: tuple,
             score_threshold: float, batch_size: int, device: str, classes_source: str | None,
-            tracking_uri: str | None, no_pictures: bool) -> None:
+            tracking_uri: str | None, no_pictures: bool, compile_: bool | None) -> None:
     """Detect objects in IMAGE_OR_DIR... and write COCO-format detections and pictures to --out."""
     import torch
 
@@ -41,7 +44,7 @@ def predict(inputs: tuple, model_spec: str, out_dir: str, config_path: str | Non
     model, cfg = load_detector(model_spec, config_path, overrides, tracking_uri)
     report = run_predict(model, cfg, inputs, out_dir, names=class_names(cfg, classes_source),
                          score_threshold=score_threshold, batch_size=batch_size, device=device,
-                         pictures=not no_pictures)
+                         pictures=not no_pictures, compile=compile_)
     click.echo(json.dumps({"out_dir": report.out_dir, "images": report.images, "detections": report.detections,
                            "skipped": report.skipped}))
     if report.skipped:

@@ -101,10 +101,12 @@ def _batches(files: list[Path], transforms, batch_size: int, report: PredictRepo
 
 @torch.no_grad()
 def _detect(model, postprocess, batch, device):
-    from pipelines.loader import collate
+    from pipelines.loader import collate_uint8
+    from pipelines.transforms import normalize_batch
 
-    images, mask, _ = collate([(pixels, {}) for _, pixels, _ in batch])
-    outputs = model(images.to(device), mask.to(device))
+    images, mask, _ = collate_uint8([(pixels, {}) for _, pixels, _ in batch])
+    mask = mask.to(device)
+    outputs = model(normalize_batch(images.to(device), mask), mask)
     sizes = torch.tensor([size for _, _, size in batch], dtype=torch.int64, device=device)
     return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in r.items()}
             for r in postprocess(outputs, sizes)]
@@ -112,14 +114,16 @@ def _detect(model, postprocess, batch, device):
 
 def predict(model, cfg, inputs: Iterable[str], out_dir: str | os.PathLike, *, names: dict[int, str],
             score_threshold: float = 0.3, batch_size: int = 1, device: str = "cpu", pictures: bool = True,
-            progress: bool = True) -> PredictReport:
+            progress: bool = True, compile: bool | None = None) -> PredictReport:
     """Detect objects in ``inputs`` (files and folders) with ``model`` (a SparseDETR in eval mode built from
     ``cfg``); write ``out_dir/detections.json`` (COCO format: images, annotations with scores, categories)
-    and ``out_dir/pictures/<name>.jpg`` (boxes, class names, scores) -> PredictReport."""
+    and ``out_dir/pictures/<name>.jpg`` (boxes, class names, scores) -> PredictReport. ``compile``:
+    `orchestrator.train.evaluation.inference_module` (None = when the files are enough to pay for it)."""
     from tqdm import tqdm
 
     from model.postprocess import PostProcess
     from orchestrator.inference.pictures import draw_detections
+    from orchestrator.train.evaluation import inference_module
     from pipelines.transforms import make_transforms
 
     if batch_size < 1:
@@ -134,11 +138,12 @@ def predict(model, cfg, inputs: Iterable[str], out_dir: str | os.PathLike, *, na
     transforms = make_transforms(train=False, max_size=cfg.data.max_size, val_scale=cfg.data.val_scale)
     postprocess = PostProcess(cfg.eval.max_dets)
     model = model.to(device).eval()
+    forward = inference_module(model, compile=compile, images=len(files))
     report = PredictReport(out_dir=str(out))
     images, annotations, used_names = [], [], set()
     with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
         for batch in _batches(files, transforms, batch_size, report):
-            for (path, _, (height, width)), result in zip(batch, _detect(model, postprocess, batch, device)):
+            for (path, _, (height, width)), result in zip(batch, _detect(forward, postprocess, batch, device)):
                 image_id = len(images) + 1
                 images.append({"id": image_id, "file_name": str(path), "height": height, "width": width})
                 keep = result["scores"] >= score_threshold

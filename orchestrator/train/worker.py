@@ -63,6 +63,8 @@ class Trainer:
         # every parameter gets a gradient in every configuration (checked by tests), so DDP need not search
         self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
         self.module = self.model.module if hasattr(self.model, "module") else self.model
+        if cfg.train.compile:  # the training forward only; evaluation, checkpoints and pictures use self.module
+            self.model = torch.compile(self.model)
         self.criterion.to(self.device)
 
         self.optimizer, self.scheduler = make_optimizer(cfg, self.module, self.world_size)

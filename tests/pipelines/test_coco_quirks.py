@@ -10,7 +10,7 @@ from PIL import Image
 from pipelines.coco_eval import evaluate, ground_truth
 from pipelines.loader import make_loader
 from pipelines.shard import write_shards
-from pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 
 COLOUR = (200, 40, 40)
 GRAY = (120, 120, 120)
@@ -71,7 +71,7 @@ def test_every_quirk_is_kept_by_the_shard_writer(quirks):
 def _pixels(images, mask, b):
     """Mean RGB (0..255) of the valid region of batch item b."""
     h, w = (~mask[b]).nonzero().max(0).values.tolist()
-    region = images[b, :, : h + 1, : w + 1]
+    region = normalize_batch(images, mask)[b, :, : h + 1, : w + 1]
     rgb = region * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     return (rgb.mean(dim=(1, 2)) * 255).tolist(), (h + 1, w + 1)
 

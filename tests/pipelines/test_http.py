@@ -75,7 +75,7 @@ class _StallingHandler(http.server.SimpleHTTPRequestHandler):
     stall_name = ""
     release = threading.Event()
 
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         path = Path(self.translate_path(self.path))
         if path.name != self.stall_name:
             return super().do_GET()

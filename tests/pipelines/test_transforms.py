@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.loader import collate
+from pipelines.loader import collate, collate_uint8
 from pipelines.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -15,6 +15,7 @@ from pipelines.transforms import (
     hflip,
     make_transforms,
     normalize,
+    normalize_batch,
     prepare_target,
     resize,
     resized_shape,
@@ -84,6 +85,19 @@ def test_to_tensor_normalize_and_collate_values():
     assert torch.allclose(images[1, :, :16, :8], normalize(tall)) and (images[1, :, :, 8:] == 0).all()
     assert mask[0, :10, :20].logical_not().all() and mask[0, 10:].all() and mask[1, :, 8:].all()
     assert not mask[1, :, :8].any() and targets[1] is target
+
+
+
+def test_uint8_batch_normalised_on_the_device_equals_the_float_path():
+    """The loader ships uint8 and the consumer normalises: the same numbers as the float32 collate."""
+    rng = np.random.default_rng(0)
+    samples = [(torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)), {"i": i})
+               for i, (h, w) in enumerate([(37, 50), (48, 21), (12, 64)])]
+    reference, reference_mask, _ = collate(samples)
+    pixels, mask, targets = collate_uint8(samples)
+    assert pixels.dtype == torch.uint8 and torch.equal(mask, reference_mask) and [t["i"] for t in targets] == [0, 1, 2]
+    assert pixels.element_size() * pixels.nelement() * 4 == reference.element_size() * reference.nelement()
+    torch.testing.assert_close(normalize_batch(pixels, mask), reference, rtol=0, atol=1e-6)
 
 
 def _red_extent(pixels):

@@ -1,0 +1,264 @@
+"""`sdo bench model`: detector FPS in the paper's convention (kakaobrain/sparse-detr util/benchmark.py).
+
+Eval mode, no grad, a fixed set of images (random pixels at --height x --width, 850 x 1040 as the
+official benchmark, or the first validation images of a shard set), `warmup` untimed iterations and
+then `iters` timed ones per cell; FPS = images / timed seconds (the device synchronised around every
+iteration). One model per keep ratio (dense = Deformable DETR two-stage + box refinement, rho > 0 =
+Sparse DETR), the official R50 settings; weights are random (speed does not depend on them, but
+sparsity does not either: the token count is rho x valid tokens).
+
+A cell is one (setting, rho, batch): setting = (op, mode, dtype) with op native | reference,
+mode eager | compile (torch.compile, default inductor) and dtype fp32 | bf16 (autocast). Every cell
+of a setting runs in this process, so `vs_dense` (the FPS of each rho over the dense FPS of the same
+setting and batch) compares like with like. A compiled cell also reports `compile_seconds` (its
+first call, which traces and compiles, minus one eager-speed call) and `break_even_images` (how many
+images the compiled model must process before the compile time is paid back).
+
+GFLOPs per image come from `model.flops.count_flops` (the paper's fvcore counting, `sdo bench flops`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+OPS = ("native", "reference")
+MODES = ("eager", "compile")
+DTYPES = ("fp32", "bf16")
+DEFAULT_RHOS = (0.0, 0.1, 0.2, 0.3, 0.5)
+
+
+@dataclass(frozen=True)
+class Setting:
+    op: str = "native"
+    mode: str = "eager"
+    dtype: str = "fp32"
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}-{self.mode}-{self.dtype}"
+
+
+def bf16_supported(device: torch.device) -> tuple[bool, str]:
+    """(supported, why): bf16 autocast where the hardware computes in bf16 (CUDA with bf16, CPU with
+    AVX512-BF16 or AMX); elsewhere it is emulated and its speed means nothing."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, "cuda bf16" if ok else "this GPU has no bf16"
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    ok = "avx512_bf16" in flags or "amx_bf16" in flags
+    return ok, f"cpu {capability}, {'AVX512-BF16/AMX' if ok else 'no AVX512-BF16/AMX'}"
+
+
+def settings_for(ops, modes, dtypes, *, cross: bool) -> list[Setting]:
+    """The base setting (first op, mode, dtype) and, unless `cross`, each other value of one axis
+    with the others at their base (the contrasts); `cross` gives the full product."""
+    if cross:
+        return [Setting(o, m, d) for o in ops for m in modes for d in dtypes]
+    base = Setting(ops[0], modes[0], dtypes[0])
+    out = [base]
+    out += [Setting(o, base.mode, base.dtype) for o in ops[1:]]
+    out += [Setting(base.op, m, base.dtype) for m in modes[1:]]
+    out += [Setting(base.op, base.mode, d) for d in dtypes[1:]]
+    return out
+
+
+def model_settings(rho: float) -> dict:
+    from model.flops import official_model_settings
+
+    return official_model_settings("deformable_topk_bbr" if rho == 0 else f"sparse_rho{rho:g}")
+
+
+def build(rho: float, backbone: str, device: torch.device, seed: int = 0, **overrides) -> torch.nn.Module:
+    from model.build import build_model
+    from orchestrator.config import BackboneConfig, ModelConfig
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(backbone=BackboneConfig(name=backbone, weights=None), **{**model_settings(rho), **overrides})
+    return build_model(cfg).to(device).eval()
+
+
+def random_images(count: int, height: int, width: int, seed: int = 0) -> list[torch.Tensor]:
+    """`count` uint8 images [3, height, width] (the loader's format; normalised on the device)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator) for _ in range(count)]
+
+
+def shard_images(source: str, count: int, *, val_scale: int = 800, max_size: int = 1333) -> list[torch.Tensor]:
+    """The first `count` validation images of a shard set, resized as `sdo eval` resizes them."""
+    from pipelines.loader import make_loader
+
+    loader = make_loader(source, train=False, batch_size=1, num_workers=0, shuffle_buffer=0, val_scale=val_scale,
+                         max_size=max_size)
+    images = []
+    for pixels, mask, _ in loader:
+        h, w = (~mask[0]).nonzero().max(0).values.add(1).tolist()
+        images.append(pixels[0, :, :h, :w].clone())
+        if len(images) == count:
+            break
+    if not images:
+        raise ValueError(f"--shards {source}: no readable image")
+    return images
+
+
+def batches(images: list[torch.Tensor], batch: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Padded, normalised batches on `device` (made before timing: FPS is the model's alone)."""
+    from pipelines.loader import collate_uint8
+    from pipelines.transforms import normalize_batch
+
+    out = []
+    for start in range(0, len(images) - batch + 1, batch):
+        pixels, mask, _ = collate_uint8([(image, None) for image in images[start:start + batch]])
+        mask = mask.to(device)
+        out.append((normalize_batch(pixels.to(device), mask), mask))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def op_choice(op: str):
+    from model import ms_deform_attn as msda
+
+    with msda.reference_only() if op == "reference" else contextlib.nullcontext():
+        yield
+
+
+def time_calls(forward, inputs, device: torch.device, count: int) -> list[float]:
+    """Seconds of each of `count` calls, cycling over `inputs`."""
+    seconds = []
+    for i in range(count):
+        images, mask = inputs[i % len(inputs)]
+        _sync(device)
+        start = time.perf_counter()
+        forward(images, mask)
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def measure_cell(model, setting: Setting, inputs, device: torch.device, *, warmup: int, iters: int) -> dict:
+    """One (setting, rho, batch) cell: warm-up, then `iters` timed calls -> FPS and times."""
+    amp = torch.bfloat16 if setting.dtype == "bf16" else None
+    forward_module = torch.compile(model) if setting.mode == "compile" else model
+
+    @torch.no_grad()
+    def forward(images, mask):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return forward_module(images, mask)
+
+    batch = inputs[0][0].shape[0]
+    with op_choice(setting.op):
+        first = time_calls(forward, inputs, device, 1)[0]
+        time_calls(forward, inputs, device, max(warmup - 1, 0))
+        timed = time_calls(forward, inputs, device, iters)
+    total = sum(timed)
+    cell = {"fps": round(batch * iters / total, 4), "seconds_per_image": round(total / (batch * iters), 6),
+            "median_seconds_per_iter": round(statistics.median(timed), 4), "first_call_seconds": round(first, 3),
+            "timed_iters": iters, "warmup_iters": max(warmup, 1)}
+    if setting.mode == "compile":
+        # the first call compiles and then runs once at compiled speed
+        cell["compile_seconds"] = round(max(first - statistics.median(timed), 0.0), 3)
+    return cell
+
+
+def add_ratios(cells: list[dict]) -> None:
+    """vs_dense = FPS / FPS of rho 0 in the same setting and batch (when measured)."""
+    dense = {(c["setting"], c["batch"]): c["fps"] for c in cells if c["rho"] == 0}
+    for c in cells:
+        reference = dense.get((c["setting"], c["batch"]))
+        if reference:
+            c["vs_dense"] = round(c["fps"] / reference, 4)
+
+
+def add_compile_payback(cells: list[dict]) -> None:
+    """break_even_images of compiled cells: compile seconds / seconds saved per image against the eager
+    cell of the same op, dtype, rho and batch (None when compiling saves nothing)."""
+    eager = {(c["op"], c["dtype"], c["rho"], c["batch"]): c for c in cells if c["mode"] == "eager"}
+    for c in cells:
+        if c["mode"] != "compile":
+            continue
+        base = eager.get((c["op"], c["dtype"], c["rho"], c["batch"]))
+        if base is None:
+            continue
+        saved = base["seconds_per_image"] - c["seconds_per_image"]
+        c["speedup_vs_eager"] = round(base["seconds_per_image"] / c["seconds_per_image"], 4)
+        c["saved_seconds_per_image"] = round(saved, 4)
+        c["break_even_images"] = round(c["compile_seconds"] / saved) if saved > 0 else None
+
+
+def run(*, height: int = 850, width: int = 1040, rhos=DEFAULT_RHOS, batch_sizes=(1, 4), ops=OPS, modes=MODES,
+        dtypes=DTYPES, cross: bool = False, warmup: int = 1, iters: int = 2, backbone: str = "resnet50",
+        shards: str | None = None, device: str | None = None, threads: int | None = None,
+        model_overrides: dict | None = None, progress: bool = True) -> dict:
+    """Measure every cell; returns the JSON-able report (see the module docstring)."""
+    from tqdm import tqdm
+
+    from model import ms_deform_attn as msda
+    from model.flops import count_flops
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads:
+        torch.set_num_threads(threads)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    msda.load_native()
+    skipped = []
+    bf16_ok, bf16_why = bf16_supported(device)
+    if "bf16" in dtypes and not bf16_ok:
+        skipped.append(f"bf16: {bf16_why}")
+        dtypes = tuple(d for d in dtypes if d != "bf16") or ("fp32",)
+    if "native" in ops and not msda.native_available(device):
+        skipped.append(f"native op: not built for {device.type} (sdo ops build)")
+        ops = tuple(o for o in ops if o != "native") or ("reference",)
+    settings = settings_for(ops, modes, dtypes, cross=cross)
+    need = max(batch_sizes) * max(warmup, 1) if shards else max(batch_sizes)
+    images = shard_images(shards, need) if shards else random_images(max(batch_sizes), height, width)
+    inputs = {b: batches(images, b, device) for b in batch_sizes if len(images) >= b}
+    cells, gflops = [], {}
+    steps = [(s, r, b) for s in settings for r in rhos for b in inputs]
+    bar = tqdm(total=len(steps), desc="bench model", unit="cell", disable=not progress)
+    for rho in rhos:
+        model = build(rho, backbone, device, **(model_overrides or {}))
+        h, w = images[0].shape[1:]
+        gflops[rho] = round(count_flops(model, h, w, device=device)["total_gflops"], 2)
+        for setting in settings:
+            for batch, batch_inputs in inputs.items():
+                bar.set_postfix(setting=setting.name, rho=rho, batch=batch)
+                cell = measure_cell(model, setting, batch_inputs, device, warmup=warmup, iters=iters)
+                cells.append({"setting": setting.name, "op": setting.op, "mode": setting.mode, "dtype": setting.dtype,
+                              "rho": rho, "batch": batch, **cell, "gflops": gflops[rho]})
+                bar.update(1)
+                if setting.mode == "compile":
+                    torch._dynamo.reset()  # every compiled cell pays its own compile time
+        del model
+    bar.close()
+    add_ratios(cells)
+    add_compile_payback(cells)
+    return {
+        "benchmark": "model",
+        "convention": "sparse-detr util/benchmark.py: eval, no_grad, warm-up then timed iterations, "
+                      "FPS = images / timed seconds",
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "device": str(device), "threads": torch.get_num_threads(),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                    "load_average_1_5_15min": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}},
+        "config": {"height": int(images[0].shape[1]), "width": int(images[0].shape[2]), "shards": shards,
+                   "backbone": backbone, "rhos": list(rhos), "batch_sizes": list(inputs), "warmup": warmup,
+                   "iters": iters, "settings": [s.name for s in settings], "cross": cross,
+                   "native_op": msda.native_source(), "model_overrides": model_overrides or {}},
+        "skipped": skipped,
+        "gflops": {f"{rho:g}": g for rho, g in gflops.items()},
+        "cells": cells,
+    }
