@@ -6,10 +6,10 @@ The ``model`` entry is a plain state dict, so ``model.checkpoint.load_weights`` 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from orchestrator.run.failures import CheckpointError
+from orchestrator.run.storage import RemotePath, location, remove_tree
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
@@ -54,12 +55,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
 
     A truncated or otherwise unreadable file raises CheckpointError naming it (never a bare unpickling error).
     """
-    path = Path(path)
+    path = path if isinstance(path, RemotePath) else Path(path)
     file = path / CHECKPOINT_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no checkpoint at {file}")
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
+        source = io.BytesIO(file.read_bytes()) if isinstance(file, RemotePath) else file
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{file}: unreadable checkpoint ({reason})") from None
@@ -68,9 +70,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     return state
 
 
-def older_than(directory: str | os.PathLike) -> list[Path]:
-    """The checkpoint directories beside ``directory`` (same run) that are older, newest first."""
-    directory = Path(directory)
+def older_than(directory) -> list:
+    """The checkpoint directories beside ``directory`` (same run; local or a RemotePath) that are older,
+    newest first."""
+    directory = location(directory)
     mine = _DIR_NAME.match(directory.name)
     if mine is None or not directory.parent.is_dir():
         return []
@@ -88,14 +91,14 @@ def _order(name: str) -> tuple[int, int, int]:
     return (1 if name.startswith("checkpoint_step") else 0, int(found.group(1)), int(found.group(2) or 0))
 
 
-def remove_unregistered(run_dir: str | os.PathLike) -> list[Path]:
+def remove_unregistered(run_dir) -> list:
     """Delete checkpoint directories of ``run_dir`` that Ray Train never registered -> what was deleted.
 
     A worker group killed while Ray copied a checkpoint into the run directory leaves a partial one;
     only those named in Ray's checkpoint-manager snapshot are complete. Without a readable snapshot
     nothing is deleted (resuming skips unreadable checkpoints anyway).
     """
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     snapshot = run_dir / RAY_SNAPSHOT
     try:
         registered = set(_values(json.loads(snapshot.read_text()), "checkpoint_dir_name"))
@@ -104,7 +107,7 @@ def remove_unregistered(run_dir: str | os.PathLike) -> list[Path]:
     removed = []
     for candidate in run_dir.iterdir() if run_dir.is_dir() else ():
         if candidate.is_dir() and _DIR_NAME.match(candidate.name) and candidate.name not in registered:
-            shutil.rmtree(candidate, ignore_errors=True)
+            remove_tree(candidate)
             removed.append(candidate)
     return removed
 

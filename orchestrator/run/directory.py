@@ -1,7 +1,8 @@
 """A run's name and directory, and ``sdo_run.json``: the run's identity that a restart or ``--resume`` finds.
 
-A run lives in ``<storage_path>/<name>``. Only this module writes ``sdo_run.json``; everything else
-reads it through :func:`read_run_state`.
+A run lives in ``<storage_path>/<name>``, a local folder or a prefix in object storage
+(orchestrator.run.storage: the same calls serve both). Only this module writes ``sdo_run.json``;
+everything else reads it through :func:`read_run_state`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from orchestrator.config import Config
+from orchestrator.run.storage import RemotePath, location
 
 RUN_STATE_FILE = "sdo_run.json"
 CRASH_MARKER = ".crash_injected"
@@ -36,17 +38,29 @@ def default_name(config_path: str | None) -> str:
     return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
-def storage_root(cfg: Config) -> Path:
-    """Absolute directory that holds runs, checkpoints and the embedded MLflow store."""
-    return Path(cfg.train.storage_path).expanduser().resolve()
+def storage_root(cfg: Config) -> Path | RemotePath:
+    """Where runs and checkpoints live (an absolute folder, or a RemotePath), and locally the embedded MLflow store."""
+    return location(cfg.train.storage_path)
 
 
-def run_dir(cfg: Config, name: str) -> Path:
+def run_dir(cfg: Config, name: str) -> Path | RemotePath:
     return storage_root(cfg) / check_name(name)
 
 
-def write_json_atomic(path: Path, value: dict) -> None:
+def local_dir(run_dir) -> Path:
+    """A local folder for what is drawn to files before MLflow takes it (plots, logs): the run
+    directory itself, or for a run in object storage a folder named after it in the temp dir."""
+    run_dir = location(run_dir)
+    if isinstance(run_dir, RemotePath):
+        return Path(tempfile.gettempdir()) / "sdo-runs" / run_dir.name
+    return run_dir
+
+
+def write_json_atomic(path: Path | RemotePath, value: dict) -> None:
     """Write JSON so that a reader never sees a half-written file."""
+    if isinstance(path, RemotePath):
+        path.write_text(json.dumps(value, indent=2))  # one PUT is atomic
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -54,23 +68,31 @@ def write_json_atomic(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_run_state(run_dir: Path) -> dict | None:
+def read_run_state(run_dir) -> dict | None:
     """The run's MLflow identity ({'tracking_uri', 'experiment_id', 'mlflow_run_id', ...}) or None."""
-    file = Path(run_dir) / RUN_STATE_FILE
+    file = location(run_dir) / RUN_STATE_FILE
     if not file.is_file():
         return None
     return json.loads(file.read_text())
 
 
-def write_run_state(run_dir: Path, state: dict) -> None:
-    write_json_atomic(Path(run_dir) / RUN_STATE_FILE, state)
+def write_run_state(run_dir, state: dict) -> None:
+    write_json_atomic(location(run_dir) / RUN_STATE_FILE, state)
 
 
-def claim_crash(run_dir: Path) -> bool:
+def claim_crash(run_dir) -> bool:
     """True exactly once per run directory: the fault-injection hook fires a single time.
 
-    ``O_EXCL`` makes the claim atomic, and the marker survives the worker-group restart.
+    ``O_EXCL`` makes the claim atomic, and the marker survives the worker-group restart. (In object
+    storage it is check-then-put: one rank asks, so nobody races it.)
     """
+    run_dir = location(run_dir)
+    if isinstance(run_dir, RemotePath):
+        marker = run_dir / CRASH_MARKER
+        if marker.exists():
+            return False
+        marker.touch()
+        return True
     try:
         fd = os.open(Path(run_dir) / CRASH_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
@@ -79,15 +101,15 @@ def claim_crash(run_dir: Path) -> bool:
     return True
 
 
-def request_stop(run_dir: Path) -> None:
+def request_stop(run_dir) -> None:
     """Ask a running training to stop at its next step, with a checkpoint (the driver's Ctrl-C)."""
-    (Path(run_dir) / STOP_MARKER).touch()
+    (location(run_dir) / STOP_MARKER).touch()
 
 
-def stop_requested(run_dir: Path) -> bool:
-    return (Path(run_dir) / STOP_MARKER).is_file()
+def stop_requested(run_dir) -> bool:
+    return (location(run_dir) / STOP_MARKER).is_file()
 
 
-def clear_stop(run_dir: Path) -> None:
+def clear_stop(run_dir) -> None:
     """Forget a stop request once the run has stopped, so that ``--resume`` trains on."""
-    (Path(run_dir) / STOP_MARKER).unlink(missing_ok=True)
+    (location(run_dir) / STOP_MARKER).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from orchestrator.config import Config, ConfigError, validate
 from orchestrator.run import tracking
 from orchestrator.run.directory import RunExistsError, read_run_state, run_dir
+from orchestrator.run.storage import location
 
 
 def _absolute_source(value: str) -> str:
@@ -23,7 +24,10 @@ def resolve(cfg: Config, storage_path: str | None = None) -> Config:
     """A copy of ``cfg`` with absolute storage and data paths (what the workers and MLflow see)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), data=dataclasses.replace(cfg.data),
                               tracking=dataclasses.replace(cfg.tracking), model=dataclasses.replace(cfg.model))
-    cfg.train.storage_path = str(Path(storage_path or cfg.train.storage_path).expanduser().resolve())
+    try:
+        cfg.train.storage_path = str(location(storage_path or cfg.train.storage_path))
+    except ValueError as err:
+        raise ConfigError(f"train.storage_path: {err}") from None
     cfg.data.train_shards = _absolute_source(cfg.data.train_shards)
     cfg.data.val_shards = _absolute_source(cfg.data.val_shards)
     if cfg.model.init_from and not cfg.model.init_from.startswith(("runs:/", "models:/")):
@@ -60,13 +64,14 @@ def preflight(cfg: Config, *, name: str, resume: bool = False, storage_path: str
     It writes nothing but the embedded store's directory.
     """
     cfg = resolve(cfg, storage_path)
+    uri = tracking.tracking_uri(cfg)  # first: it refuses object storage without a tracking server, offline
     directory = run_dir(cfg, name)
     if resume and read_run_state(directory) is None:
         raise FileNotFoundError(f"--resume: no run named {name!r} in {cfg.train.storage_path}")
     if directory.exists() and not resume:
         raise RunExistsError(f"run {name!r} already exists in {directory.parent}; pass --resume to continue it "
                              "or choose another --name")
-    tracking.check_reachable(tracking.tracking_uri(cfg))
+    tracking.check_reachable(uri)
     _check_shards(cfg)
     if cfg.model.init_from and not cfg.model.init_from.startswith(("runs:/", "models:/")) \
             and not Path(cfg.model.init_from).exists():

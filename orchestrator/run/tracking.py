@@ -22,8 +22,9 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import Config, cluster_kind, flatten
+from orchestrator.config import Config, ConfigError, cluster_kind, flatten
 from orchestrator.run.directory import storage_root
+from orchestrator.run.storage import RemotePath
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,12 @@ class TrackingUnreachable(ValueError):
     """The configured MLflow tracking server does not answer; raised before any training starts."""
 
 
-def embedded_store(storage: Path) -> tuple[str, str]:
+def embedded_store(storage) -> tuple[str, str]:
     """(tracking URI, artifact root URI) of the sqlite store under ``storage/mlflow``."""
+    if isinstance(storage, RemotePath) or "://" in str(storage):
+        raise ConfigError(f"train.storage_path={str(storage)!r}: the embedded MLflow store is a sqlite file and needs "
+                          "a local folder; with runs in object storage set tracking.uri (an MLflow server, or "
+                          "sqlite:////a/local/mlflow.db)")
     root = Path(storage).expanduser().resolve() / "mlflow"
     return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
 
@@ -200,7 +205,11 @@ class RunLogger:
         for start in range(0, len(batch), _BATCH):
             self.client.log_batch(self.run_id, tags=batch[start:start + _BATCH])
 
-    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    def artifact(self, path, artifact_path: str | None = None) -> None:
+        """Log a local file or folder, or one object of a run in object storage (a RemotePath)."""
+        if isinstance(path, RemotePath):
+            self.client.log_text(self.run_id, path.read_text(), "/".join(filter(None, [artifact_path, path.name])))
+            return
         path = Path(path)
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)

@@ -34,6 +34,7 @@ from orchestrator.run import checkpoints, tracking
 from orchestrator.run.directory import check_name, read_run_state, run_dir, storage_root, write_json_atomic
 from orchestrator.run.lifecycle import claim_directory
 from orchestrator.run.preflight import resolve
+from orchestrator.run.storage import is_remote
 from orchestrator.sweep.report import (
     TERMINAL,
     build_report,
@@ -352,6 +353,9 @@ def run_sweep(cfg: Config, *, name: str, resume: bool = False, trainable: Callab
 
     axes = parse_space(cfg)
     make_scheduler(cfg), make_search(cfg)  # config errors before anything is written
+    if is_remote(cfg.train.storage_path):
+        raise ConfigError(f"train.storage_path={cfg.train.storage_path!r}: sweeps keep Tune's experiment state in a "
+                          "local or shared folder; object storage is for single runs (sdo launch)")
     cfg = resolve(cfg)  # absolute data and storage paths: Tune runs each trial in its own working directory
     directory = sweep_dir(cfg, name)
     state = open_parent_run(cfg, axes, name=name, directory=directory, resume=resume)

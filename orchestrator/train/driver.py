@@ -16,9 +16,10 @@ from ray.train.torch import TorchConfig
 
 from orchestrator.config import Config, to_dict
 from orchestrator.run import checkpoints, tracking
-from orchestrator.run.directory import clear_stop, stop_requested
+from orchestrator.run.directory import clear_stop, local_dir, stop_requested
 from orchestrator.run.failures import RunInterrupted
 from orchestrator.run.lifecycle import start
+from orchestrator.run.storage import RemotePath, location, ray_storage
 from orchestrator.train.evaluation import AP_KEYS
 from orchestrator.train.faults import SdoTorchTrainer, worker_error
 from orchestrator.train.worker import train_loop_per_worker
@@ -35,6 +36,7 @@ def make_trainer(cfg: Config, run: dict, *, extra_callbacks: Iterable = ()) -> S
     name = run["name"]
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)
     return SdoTorchTrainer(
         train_loop_per_worker,
         run_dir=run["run_dir"],
@@ -43,7 +45,8 @@ def make_trainer(cfg: Config, run: dict, *, extra_callbacks: Iterable = ()) -> S
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=cfg.train.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
                                                          checkpoint_score_attribute="AP",
                                                          checkpoint_score_order="max"),
@@ -59,23 +62,27 @@ def finalize(cfg: Config, run: dict, result) -> dict:
     from orchestrator.train import plots
 
     uri, logger = run["tracking_uri"], tracking.RunLogger(run["tracking_uri"], run["mlflow_run_id"])
-    directory = Path(run["run_dir"])
+    directory = location(run["run_dir"])
     best = result.get_best_checkpoint("AP", "max") if result.best_checkpoints else None
     best_path, mlflow_model = None, {}
     if best is not None:
-        best_path = directory / "best"
-        if best_path.exists():
-            shutil.rmtree(best_path)
-        shutil.copytree(best.path, best_path)
-        if cfg.tracking.log_checkpoints:
+        if isinstance(directory, RemotePath):  # in object storage the best checkpoint is named where it lies
+            best_path = directory / Path(best.path).name
+        else:
+            best_path = directory / "best"
+            if best_path.exists():
+                shutil.rmtree(best_path)
+            shutil.copytree(best.path, best_path)
+        if cfg.tracking.log_checkpoints and not isinstance(best_path, RemotePath):
             logger.artifact(best_path, "checkpoints/best")
         mlflow_model = log_best_model(uri, run["mlflow_run_id"], best_path, cfg.tracking.register_as)
     history = logger.history(sorted(set(logger.metric_keys())))
     if history:
-        plots.loss_curves(history, directory / "plots" / "loss_curves.png")
-        plots.ap_per_epoch(history, history.get("epoch", []), directory / "plots" / "ap_per_epoch.png")
-        logger.artifact(directory / "plots" / "loss_curves.png", "plots")
-        logger.artifact(directory / "plots" / "ap_per_epoch.png", "plots")
+        drawn = local_dir(directory) / "plots"
+        plots.loss_curves(history, drawn / "loss_curves.png")
+        plots.ap_per_epoch(history, history.get("epoch", []), drawn / "ap_per_epoch.png")
+        logger.artifact(drawn / "loss_curves.png", "plots")
+        logger.artifact(drawn / "ap_per_epoch.png", "plots")
     tracking.set_status(uri, run["mlflow_run_id"], "FINISHED")
     metrics = dict(result.metrics or {})
     return {
@@ -117,7 +124,7 @@ def run_training(cfg: Config, *, name: str, resume: bool = False, storage_path: 
     """
     resolved, run = start(cfg, name=name, resume=resume, storage_path=storage_path, parent_run_id=mlflow_parent_run_id)
     trainer = make_trainer(resolved, run, extra_callbacks=extra_callbacks)
-    run_dir = Path(run["run_dir"])
+    run_dir = location(run["run_dir"])
     try:
         result = trainer.fit()
     except BaseException as err:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 
 import ray
 from ray.train.torch import TorchTrainer
@@ -21,6 +20,7 @@ from ray.train.v2.api.exceptions import WorkerGroupError
 
 from orchestrator.run.directory import request_stop
 from orchestrator.run.failures import is_permanent
+from orchestrator.run.storage import location
 
 
 class PermanentErrorsFail(FailurePolicy):
@@ -40,9 +40,9 @@ class PermanentErrorsFail(FailurePolicy):
 class SdoTorchTrainer(TorchTrainer):
     """A TorchTrainer with sdo's failure policy and Ctrl-C (see the module doc)."""
 
-    def __init__(self, *args, run_dir: str | Path, **kwargs):
+    def __init__(self, *args, run_dir, **kwargs):
         super().__init__(*args, **kwargs)
-        self.run_dir = Path(run_dir)
+        self.run_dir = location(run_dir)
         self.interrupts = 0
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):

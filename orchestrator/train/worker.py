@@ -24,8 +24,9 @@ import torch.distributed as dist
 
 from orchestrator.config import Config, from_dict, to_dict
 from orchestrator.run import checkpoints
-from orchestrator.run.directory import claim_crash, stop_requested
+from orchestrator.run.directory import claim_crash, local_dir, stop_requested
 from orchestrator.run.failures import CheckpointError
+from orchestrator.run.storage import RemotePath, location
 from orchestrator.train import evaluation
 from orchestrator.train.step import (
     all_reduce_mean,
@@ -52,7 +53,8 @@ class Trainer:
         from pipelines.loader import make_loader
 
         self.cfg, self.run = cfg, run
-        self.run_dir = Path(run["run_dir"])
+        self.run_dir = location(run["run_dir"])  # a local folder or object storage
+        self.local_dir = local_dir(self.run_dir)  # where pictures are drawn before MLflow takes them
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -110,8 +112,11 @@ class Trainer:
             if self.cfg.model.init_from:
                 self._init_from(self.cfg.model.init_from)
             return
-        with checkpoint.as_directory() as directory:
-            state, path, unreadable = newest_readable(Path(directory))
+        if isinstance(self.run_dir, RemotePath):  # read it where it is: the fallback lists its siblings there
+            state, path, unreadable = newest_readable(self.run_dir / Path(checkpoint.path).name)
+        else:
+            with checkpoint.as_directory() as directory:
+                state, path, unreadable = newest_readable(Path(directory))
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -245,7 +250,7 @@ class Trainer:
         from pipelines.records import records_to_coco
 
         categories = self.val_loader.index["categories"]
-        diagnostics = EvalDiagnostics(self.run_dir / "plots", epoch=epoch, draw=self.rank == 0,
+        diagnostics = EvalDiagnostics(self.local_dir / "plots", epoch=epoch, draw=self.rank == 0,
                                       pred_images=self.cfg.eval.pred_images, dam_images=self.cfg.eval.dam_images,
                                       categories={c["id"]: c["name"] for c in categories}, rho=self.cfg.model.rho,
                                       score_threshold=self.cfg.eval.pred_score_threshold)
@@ -265,7 +270,7 @@ class Trainer:
                                               epoch=epoch, num_predictions=len(gathered))
             self.logger.artifact(path, "eval")
             for folder in sorted({picture.parent for picture in diagnostics.pictures}):
-                self.logger.artifact(folder, folder.relative_to(self.run_dir).as_posix())
+                self.logger.artifact(folder, folder.relative_to(self.local_dir).as_posix())
         return evaluation.broadcast(metrics)
 
     def check_data(self, split: str, loader) -> None:
@@ -335,7 +340,7 @@ class Trainer:
                              checkpoint_dir_name=checkpoints.dir_name(self.step, self.attempt))
 
 
-def newest_readable(latest: Path) -> tuple[dict, Path, list[str]]:
+def newest_readable(latest) -> tuple[dict, Path | RemotePath, list[str]]:
     """The state of ``latest``, or of the newest older checkpoint beside it that loads when ``latest`` is
     damaged -> (state, its directory, ['<path> (<why>)' for each unreadable one tried first]).
 

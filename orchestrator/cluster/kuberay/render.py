@@ -34,6 +34,7 @@ from orchestrator.cluster.kuberay.spec import (
     rayjob_name,
 )
 from orchestrator.config import Config
+from orchestrator.run.storage import is_remote
 
 CONFIG_DIR = "/etc/sdo"
 CONFIG_FILE = "config.yaml"
@@ -88,6 +89,10 @@ def resolved_config(cfg: Config, spec: ClusterSpec) -> Config:
         if not _is_shared_location(value):
             raise ClusterSpecError(f"{key}={value!r}: on Kubernetes this must be an absolute path on a shared volume "
                                    f"or a URL (set sdo.{sdo_key} in {spec.source})")
+    if is_remote(resolved.train.storage_path) and not resolved.tracking.uri:
+        raise ClusterSpecError(f"train.storage_path={resolved.train.storage_path!r}: runs in object storage need an "
+                               f"MLflow server (the embedded sqlite store is a local file): set sdo.tracking_uri in "
+                               f"{spec.source}")
     return resolved
 
 

@@ -372,3 +372,15 @@ def test_crd_without_v1_is_rejected():
     crd = {"spec": {"names": {"kind": "RayJob"}, "versions": [{"name": "v1alpha1", "schema": {"openAPIV3Schema": {}}}]}}
     with pytest.raises(ClusterSpecError, match="does not serve version v1"):
         crd_validator(crd)
+
+
+def test_runs_in_object_storage_need_a_tracking_server(tmp_path):
+    data = example()
+    data["sdo"]["storage_path"] = "s3://bucket/runs"
+    data["sdo"].pop("tracking_uri", None)
+    with pytest.raises(ClusterSpecError, match=r"train\.storage_path='s3://bucket/runs': runs in object storage need "
+                                               r"an MLflow server .* set sdo\.tracking_uri"):
+        render(tmp_path, data)
+    data["sdo"]["tracking_uri"] = "http://mlflow.sdo.svc.cluster.local:5000"
+    configmap, _ = render(tmp_path, data)
+    assert "s3://bucket/runs" in configmap["data"][next(iter(configmap["data"]))]
