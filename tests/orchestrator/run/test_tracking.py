@@ -72,9 +72,31 @@ def test_run_logger_history_keeps_the_last_value_of_a_step(cfg):
     assert logger.status() == "FINISHED"
 
 
+def test_grouped_logger_stores_train_val_names_and_reads_bare_ones(cfg):
+    _, run_id = tracking.create_run(cfg, name="r3")
+    logger = tracking.RunLogger(tracking.tracking_uri(cfg), run_id, exactly_once=True, grouped=True)
+    logger.metrics({"loss": 3.0, "lr": 1e-4, "data/skipped_val_fraction": 0.0}, step=1)
+    logger.metrics({"AP": 0.25, "AR100": 0.5}, step=1)
+    logger.metrics({"AP": 0.5}, step=1)  # exactly once: a (metric, step) stored is kept
+    stored = MlflowClient(logger.uri).get_run(run_id).data.metrics
+    assert stored == {"train/loss": 3.0, "train/lr": 1e-4, "data/skipped_val_fraction": 0.0, "val/AP": 0.25,
+                      "val/AR100": 0.5}
+    assert logger.metric_keys() == ["AP", "AR100", "data/skipped_val_fraction", "loss", "lr"]
+    assert logger.history(["AP", "loss"]) == {"AP": [(1, 0.25)], "loss": [(1, 3.0)]}
+
+
+def test_source_tags_follow_mlflow_conventions(cfg):
+    _, run_id = tracking.create_run(cfg, name="r4")
+    tags = MlflowClient(tracking.tracking_uri(cfg)).get_run(run_id).data.tags
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("sdo launch", "LOCAL")
+    if tags["git_commit"] != "unknown":
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"]
+
+
 def test_run_url():
-    assert tracking.run_url("sqlite:////x/mlflow.db", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
-    assert tracking.run_url("https://mlflow.example/", "3", "abc") == "https://mlflow.example/#/experiments/3/runs/abc"
+    query = "?workflowType=machine_learning"
+    assert tracking.run_url("sqlite:////x/mlflow.db", "3", "abc") == f"http://127.0.0.1:5000/#/experiments/3/runs/abc{query}"
+    assert tracking.run_url("https://mlflow.example/", "3", "abc") == f"https://mlflow.example/#/experiments/3/runs/abc{query}"
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
