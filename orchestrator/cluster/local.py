@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from orchestrator.cluster import reaper as reaper_process
 from orchestrator.config import Config
 from orchestrator.run.failures import sigterm_as_interrupt
-from orchestrator.train.console import is_verbose
+from orchestrator.train.console import append_log, is_verbose
 
 
 def _port_free(port: int) -> bool:
@@ -73,8 +73,10 @@ def launch_local(cfg: Config, *, name: str, resume: bool, echo: Callable[[str], 
     with ray_session(cfg):
         summary = run_training(cfg, name=name, resume=resume, console=True)
     ap = summary["AP"]
-    echo(f"sdo: run {summary['name']} finished: AP={ap:.4f}" if ap is not None else
-         f"sdo: run {summary['name']} finished (no evaluation)")
-    echo(f"sdo: best checkpoint: {summary['best_checkpoint']}")
-    echo(f"sdo: MLflow run: {summary['run_url']}")
+    lines = [f"sdo: run {summary['name']} finished: AP={ap:.4f}" if ap is not None else
+             f"sdo: run {summary['name']} finished (no evaluation)",
+             f"sdo: best checkpoint: {summary['best_checkpoint']}", f"sdo: MLflow run: {summary['run_url']}"]
+    for line in lines:
+        echo(line)
+    append_log(summary["run_dir"], lines)
     return summary

@@ -58,6 +58,12 @@ def is_verbose() -> bool:
     return _verbose
 
 
+def append_log(run_dir: str | os.PathLike, lines) -> None:
+    """Add ``lines`` (said after the run's console closed) to its log.txt."""
+    with open(Path(run_dir) / LOG_FILE, "a", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
 # ------------------------------------------------------------------------------------ rank 0
 
 

@@ -270,7 +270,7 @@ def test_sdo_ui_in_a_browser_shows_the_run_with_its_ap_and_a_dam_picture(run, tm
             _screenshot(page, tmp_path, "runs_table.png")
 
             # the run's artifacts view (the URL sdo prints, on this port): open a DAM picture in the tree
-            dam = sorted(_artifacts(run["client"], summary["mlflow_run_id"], "plots/dam"))[0]
+            dam = min(_artifacts(run["client"], summary["mlflow_run_id"], "plots/dam"))
             page.goto(summary["run_url"].replace(":5000/", f":{port}/").replace("?", "/artifacts?", 1))
             for name in ("plots", "dam", dam.rsplit("/", 1)[1]):
                 page.get_by_text(name, exact=True).first.click(timeout=90_000)

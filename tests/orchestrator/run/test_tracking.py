@@ -142,6 +142,22 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         checkpoints.load(tmp_path / "missing")
 
 
+def test_best_is_a_link_to_a_checkpoint_folder_not_a_copy(tmp_path):
+    state = {"model": {"w": torch.ones(2)}, "optimizer": {}, "scheduler": {}, "epoch": 0, "step": 2,
+             "config": {}, "mlflow_run_id": "abc"}
+    run_dir = tmp_path / "run"
+    first = checkpoints.save(run_dir / "checkpoint_step000000002-1", state)
+    second = checkpoints.save(run_dir / "checkpoint_step000000004-1", {**state, "step": 4})
+    checkpoints.save(run_dir / "best", state)  # a copy, as sdo < 0.3 left it
+    best = checkpoints.point_best(run_dir, first)
+    assert best.is_symlink() and os.readlink(best) == first.name  # relative: the run directory can move
+    checkpoints.point_best(run_dir, second)
+    assert checkpoints.load(best)["step"] == 4 and sorted(p.name for p in run_dir.iterdir()) == [
+        "best", first.name, second.name]
+    # Ray keeps num_to_keep best-scored folders and the latest besides them
+    assert [checkpoints.ray_num_to_keep(k) for k in (1, 2, 5)] == [1, 1, 4]
+
+
 def test_crash_hook_fires_once_per_run_dir(tmp_path):
     assert claim_crash(tmp_path) is True
     assert claim_crash(tmp_path) is False
