@@ -50,6 +50,8 @@ def set_verbose(verbose: bool) -> None:
     pytorch_logger = logging.getLogger("mlflow.pytorch")
     if not any(isinstance(f, _DropMlflowNoise) for f in pytorch_logger.filters):
         pytorch_logger.addFilter(_DropMlflowNoise())
+    # MLflow sets its loggers' level from this when it is imported (here, in Ray's workers: later)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
     if not verbose:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
