@@ -38,8 +38,19 @@ demo-check: setup
     {{sdo}} bench demo --run-dir "runs/$name" --started-at "$started" --min-ap50 0.5 --max-seconds 480 --out runs/demo/check.json
 
 # Run the test suite (CPU; CUDA tests run only where a GPU is present).
-test *args: setup
+test *args: setup browser
     {{py}} -m pytest -q -ra tests {{args}}
+
+# Chromium for the MLflow UI browser test (the system's, else apt-get as root, else playwright's); never fails.
+browser: setup
+    #!/usr/bin/env bash
+    set -uo pipefail
+    for b in chromium chromium-browser google-chrome; do command -v $b >/dev/null 2>&1 && exit 0; done
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } && exit 0
+    fi
+    {{py}} -m playwright install chromium >/dev/null 2>&1 || echo "just: no Chromium found or installable; the browser test will skip"
 
 # (Re)build the native deformable-attention op (JIT, cached) and say what is built.
 ops: setup

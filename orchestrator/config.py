@@ -121,7 +121,8 @@ class TrainConfig:
     log_every: int = doc("report training metrics every N steps", 10)
     max_steps_per_epoch: int | None = doc("cap on steps per epoch (null = full epoch from the index)", None)
     max_failures: int = doc("worker-group restarts from the latest checkpoint before giving up", 3)
-    keep_checkpoints: int = doc("checkpoints kept by Ray Train (best by AP and latest are always kept)", 2)
+    keep_checkpoints: int = doc("checkpoint folders a run keeps, at most: the best by AP and the latest are always "
+                                "among them (so 1 keeps 2 while they differ)", 2)
     checkpoint_every: int | None = doc("also checkpoint every N global steps inside an epoch (null = epoch ends "
                                        "only); a lost worker then costs at most N steps", None)
     storage_path: str = doc("where runs, checkpoints and the embedded MLflow store live", "runs")
@@ -141,7 +142,9 @@ class EvalConfig:
 class TrackingConfig:
     uri: str | None = doc("MLflow tracking URI; null = sqlite store under <storage_path>/mlflow", None)
     experiment: str = doc("MLflow experiment name", "sdo")
-    log_checkpoints: bool = doc("log final and best checkpoints as MLflow artifacts", True)
+    log_checkpoints: bool = doc("also log the final training checkpoint (with optimizer state) as an MLflow "
+                                "artifact; the best weights are always logged, as the run's MLflow Model", False)
+    system_metrics: bool = doc("log MLflow system metrics (CPU, memory, GPU) of every worker node", True)
     parent_run_id: str | None = doc("MLflow run to nest this run under (set by `sdo sweep` for its trials)", None)
     register_as: str | None = doc("register the run's MLflow Model (best weights) under this model-registry name", None)
 

@@ -48,8 +48,11 @@ class ErrorReportingGroup(click.Group):
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
     """sdo - the Sparse DETR orchestrator: train, sweep and evaluate Sparse DETR on Ray + MLflow."""
+    from orchestrator.train.console import set_verbose
+
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
+    set_verbose(verbose)
 
 
 main.add_command(launch.launch)

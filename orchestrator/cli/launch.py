@@ -101,10 +101,12 @@ def eval_cmd(config_path: str, checkpoint: str, overrides: tuple, max_batches: i
 def ui(storage: str, port: int) -> None:
     """Start the MLflow UI on 127.0.0.1 for the embedded store."""
     from orchestrator.run.failures import sigterm_as_interrupt
-    from orchestrator.run.tracking import start_ui, stop_ui
+    from orchestrator.run.tracking import start_ui, stop_ui, ui_urls
 
     process = start_ui(Path(storage), port=port)
     click.echo(f"sdo: MLflow UI at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    for name, url in ui_urls(Path(storage), port):
+        click.echo(f"sdo: experiment {name}: {url}")
     try:
         with sigterm_as_interrupt():  # SIGTERM stops the UI's processes too
             while process.poll() is None:

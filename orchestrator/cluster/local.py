@@ -6,6 +6,7 @@ the cluster it runs in.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from orchestrator.cluster import reaper as reaper_process
 from orchestrator.config import Config
 from orchestrator.run.failures import sigterm_as_interrupt
+from orchestrator.train.console import append_log, is_verbose
 
 
 def _port_free(port: int) -> bool:
@@ -51,7 +53,8 @@ def ray_session(cfg: Config) -> Iterator[None]:
         port = cfg.cluster.dashboard_port if _port_free(cfg.cluster.dashboard_port) else free_port()
         reaper = reaper_process.start()
         ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, _node_ip_address="127.0.0.1")
+                 dashboard_port=port, _node_ip_address="127.0.0.1",
+                 logging_level=logging.INFO if is_verbose() else logging.WARNING)
     try:
         with sigterm_as_interrupt():  # SIGTERM ends the run like Ctrl-C (KILLED, resumable)
             yield
@@ -68,10 +71,12 @@ def launch_local(cfg: Config, *, name: str, resume: bool, echo: Callable[[str], 
 
     preflight(cfg, name=name, resume=resume)  # bad input costs nothing: Ray has not started yet
     with ray_session(cfg):
-        summary = run_training(cfg, name=name, resume=resume)
+        summary = run_training(cfg, name=name, resume=resume, console=True)
     ap = summary["AP"]
-    echo(f"sdo: run {summary['name']} finished: AP={ap:.4f}" if ap is not None else
-         f"sdo: run {summary['name']} finished (no evaluation)")
-    echo(f"sdo: best checkpoint: {summary['best_checkpoint']}")
-    echo(f"sdo: MLflow run: {summary['run_url']}")
+    lines = [f"sdo: run {summary['name']} finished: AP={ap:.4f}" if ap is not None else
+             f"sdo: run {summary['name']} finished (no evaluation)",
+             f"sdo: best checkpoint: {summary['best_checkpoint']}", f"sdo: MLflow run: {summary['run_url']}"]
+    for line in lines:
+        echo(line)
+    append_log(summary["run_dir"], lines)
     return summary

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from orchestrator.run.storage import RemotePath, location, remove_tree
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2: the registered checkpoints
+BEST = "best"  # <run dir>/best: a link to the best of Ray Train's checkpoint folders, not a copy
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "config", "mlflow_run_id")
 
 
@@ -68,6 +70,28 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{file}: not a checkpoint (expected a dict with a 'model' entry)")
     return state
+
+
+def ray_num_to_keep(keep_checkpoints: int) -> int:
+    """Ray Train's ``num_to_keep`` for at most ``keep_checkpoints`` folders: Ray keeps that many best-scored
+    ones *and* the latest besides them."""
+    return max(1, keep_checkpoints - 1)
+
+
+def point_best(run_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike) -> Path:
+    """Make ``<run_dir>/best`` refer to ``checkpoint_dir`` (a relative symlink, replaced atomically) -> its path.
+
+    Readers open ``best`` like any checkpoint directory; a ``best`` copied by sdo < 0.3 is replaced.
+    """
+    run_dir, target = Path(run_dir), Path(checkpoint_dir)
+    best = run_dir / BEST
+    if best.is_dir() and not best.is_symlink():
+        shutil.rmtree(best)
+    link = run_dir / f".{BEST}.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(os.path.relpath(target, run_dir), target_is_directory=True)
+    os.replace(link, best)
+    return best
 
 
 def older_than(directory) -> list:

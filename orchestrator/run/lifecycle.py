@@ -53,6 +53,7 @@ def open_run(cfg: Config, *, name: str, resume: bool = False, parent_run_id: str
     if state is not None:
         return state
     exp_id, run_id = tracking.create_run(cfg, name=name)
+    tracking.log_dataset_inputs(uri, run_id, cfg)
     state = {"name": name, "run_dir": str(directory), "tracking_uri": uri, "experiment_id": exp_id,
              "mlflow_run_id": run_id, "run_url": tracking.run_url(uri, exp_id, run_id)}
     write_run_state(directory, state)

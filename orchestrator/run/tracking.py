@@ -36,6 +36,14 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
 
 UI_PORT = 5000
 WORKER_GROUP_STARTS = "sdo.worker_group_starts"
+# MLflow 3 opens an experiment on its GenAI overview unless told it holds model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_QUERY = "workflowType=machine_learning"
+# The runs table's columns on a first visit: a view state stored as an experiment tag, named in the URL
+VIEW_KEY = "sdo"
+RUNS_TABLE_COLUMNS = ("metrics.`val/AP`", "metrics.`val/AP50`", "params.`model.rho`", "metrics.`model/GFLOPs`",
+                      "metrics.`model/params_M`", "metrics.`train/img_per_s`")
+GROUPS = ("train/", "val/", "data/", "model/", "system/")
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call
 _MAX_PARAM_LENGTH = 6000
 
@@ -101,29 +109,80 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """Id of the experiment ``name``, created on first use (races between processes tolerated)."""
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:
+    if found is None:
+        try:
+            client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:
+            if client.get_experiment_by_name(name) is None:
+                raise
         found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    for key, value in {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{VIEW_KEY}": runs_view_state()}.items():
+        if found.tags.get(key) != value:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def runs_view_state() -> str:
+    """The experiment page's view that sdo's URLs open (``viewStateShareKey``): newest runs first, with the
+    columns AP, AP50, rho, GFLOPs, params and img/s shown."""
+    import json
+
+    return json.dumps({"orderByKey": "attributes.start_time", "orderByAsc": False,
+                       "selectedColumns": list(RUNS_TABLE_COLUMNS)})
+
+
+VAL_KEYS = ("dam_recall",)  # besides COCO's AP* / AR*: what an evaluation measures
+
+
+def metric_key(key: str) -> str:
+    """The MLflow name of a training metric: grouped ``train/*``, ``val/*`` (COCO AP / AR) or as given."""
+    if key.startswith(GROUPS):
+        return key
+    return f"val/{key}" if key.startswith(("AP", "AR")) or key in VAL_KEYS else f"train/{key}"
+
+
+def _bare_key(key: str) -> str:
+    return key.split("/", 1)[1] if key.startswith(("train/", "val/")) else key
+
+
+def _git(*args: str) -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def git_commit() -> str:
     """Commit of the source tree the run executes from ('unknown' outside a git checkout)."""
-    here = Path(__file__).resolve().parent
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's source tags (mlflow.source.*, mlflow.user) of a run started by ``sdo <command>``."""
+    import getpass
+
+    tags = {"mlflow.source.name": f"sdo {command}", "mlflow.source.type": "LOCAL"}
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+        remote = _git("config", "--get", "remote.origin.url")
+        if remote:
+            tags["mlflow.source.git.repoURL"] = remote
+    return tags
 
 
-def run_tags(cfg: Config, *, name: str) -> dict[str, str]:
+def run_tags(cfg: Config, *, name: str, command: str = "launch") -> dict[str, str]:
     tags = {
+        **source_tags(command),
         "mlflow.runName": name,
         "git_commit": git_commit(),
         "rho": str(cfg.model.rho),
@@ -141,7 +200,7 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= _MAX_PARAM_LENGTH else text[: _MAX_PARAM_LENGTH - 3] + "..."
 
 
-def create_run(cfg: Config, *, name: str) -> tuple[str, str]:
+def create_run(cfg: Config, *, name: str, command: str = "launch") -> tuple[str, str]:
     """Create the MLflow run of a training (params = every flattened config field, tags).
 
     Returns (experiment_id, run_id). Nested under ``tracking.parent_run_id`` when it is set.
@@ -149,17 +208,55 @@ def create_run(cfg: Config, *, name: str) -> tuple[str, str]:
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
     exp_id = experiment_id(client, cfg.tracking.experiment, _artifact_location(cfg))
-    run = client.create_run(exp_id, run_name=name, tags=run_tags(cfg, name=name))
+    run = client.create_run(exp_id, run_name=name, tags=run_tags(cfg, name=name, command=command))
     params = [Param(key, _param_value(value)) for key, value in sorted(flatten(cfg).items())]
     for start in range(0, len(params), _BATCH):
         client.log_batch(run.info.run_id, params=params[start:start + _BATCH])
     return exp_id, run.info.run_id
 
 
+def ui_base(uri: str, port: int = UI_PORT) -> str:
+    """Where the UI of ``uri`` is: the server itself, or `sdo ui` (127.0.0.1:port) for a local store."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{port}"
+
+
+def shard_dataset(source: str, split: str):
+    """The MLflow Dataset entity of a shard set: its source, an index digest and the counts (profile)."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset
+
+    from pipelines.sources import resolve
+
+    shard_set = resolve(source)
+    index = shard_set.index
+    digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()[:16]
+    profile = {"num_samples": shard_set.num_samples, "num_shards": len(shard_set.shards),
+               "num_annotations": index.get("num_annotations"), "num_categories": len(index.get("categories", []))}
+    return Dataset(name=f"{split}_shards", digest=digest, source_type="sdo-webdataset",
+                   source=json.dumps({"uri": source, "format": index.get("format")}),
+                   schema=json.dumps({"sample": ["__key__", "jpg", "json"]}), profile=json.dumps(profile))
+
+
+def log_dataset_inputs(uri: str, run_id: str, cfg: Config) -> None:
+    """The train and val shards as the run's dataset inputs (context tags ``training`` / ``validation``)."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = [DatasetInput(shard_dataset(source, split), [InputTag("mlflow.data.context", context)])
+              for split, source, context in (("train", cfg.data.train_shards, "training"),
+                                             ("val", cfg.data.val_shards, "validation"))]
+    MlflowClient(tracking_uri=uri).log_inputs(run_id, datasets=inputs)
+
+
 def run_url(uri: str, exp_id: str, run_id: str) -> str:
-    """Browser URL of a run: the server itself, or `sdo ui` (127.0.0.1:5000) for a local store."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
-    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+    """Browser URL of a run, on the Model-training view."""
+    return f"{ui_base(uri)}/#/experiments/{exp_id}/runs/{run_id}?{UI_QUERY}"
+
+
+def experiment_url(base: str, exp_id: str) -> str:
+    """Browser URL of an experiment's runs table (Model-training view, sdo's columns)."""
+    return f"{base}/#/experiments/{exp_id}/runs?{UI_QUERY}&viewStateShareKey={VIEW_KEY}"
 
 
 def set_status(uri: str, run_id: str, status: str) -> None:
@@ -174,13 +271,17 @@ def set_status(uri: str, run_id: str, status: str) -> None:
 class RunLogger:
     """Logs metrics, tags and artifacts into an existing run (used by rank 0 and the driver)."""
 
-    def __init__(self, uri: str, run_id: str, *, exactly_once: bool = False):
+    def __init__(self, uri: str, run_id: str, *, exactly_once: bool = False, grouped: bool = False):
         """``exactly_once``: a (metric, step) already in the run is never logged again, so that steps
-        trained again after a restore from a checkpoint do not repeat points (steps only grow within a run)."""
+        trained again after a restore from a checkpoint do not repeat points (steps only grow within a run).
+        ``grouped``: metrics are stored as :func:`metric_key` names (``loss`` -> ``train/loss``, ``AP`` ->
+        ``val/AP``) and read back by their bare names; what Ray, Tune and the sweeps see stays bare."""
         self.uri = uri
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri=uri)
         self._logged_through: dict[str, int] | None = {} if exactly_once else None
+        self._key = metric_key if grouped else str
+        self._grouped = grouped
 
     def _new(self, key: str, step: int) -> bool:
         if self._logged_through is None:
@@ -195,8 +296,8 @@ class RunLogger:
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in values.items()
-                 if v is not None and self._new(k, int(step))]
+        batch = [Metric(self._key(k), float(v), now, int(step)) for k, v in values.items()
+                 if v is not None and self._new(self._key(k), int(step))]
         for start in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
 
@@ -221,7 +322,7 @@ class RunLogger:
         out = {}
         for key in keys:
             points: dict[int, tuple[int, float]] = {}
-            for m in self.client.get_metric_history(self.run_id, key):
+            for m in self.client.get_metric_history(self.run_id, self._key(key)):
                 if m.step not in points or m.timestamp >= points[m.step][0]:
                     points[m.step] = (m.timestamp, m.value)
             if points:
@@ -235,10 +336,20 @@ class RunLogger:
         return starts
 
     def metric_keys(self) -> list[str]:
-        return sorted(self.client.get_run(self.run_id).data.metrics)
+        keys = self.client.get_run(self.run_id).data.metrics
+        return sorted(_bare_key(k) for k in keys) if self._grouped else sorted(keys)
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
+
+
+def ui_urls(storage: Path, port: int = UI_PORT) -> list[tuple[str, str]]:
+    """(experiment name, URL of its runs table) of each experiment in the embedded store under ``storage``, the
+    most recently created first; each gets the tags that open it on the Model-training view."""
+    client = MlflowClient(tracking_uri=embedded_store(storage)[0])
+    found = [e for e in client.search_experiments() if e.name != "Default"]
+    found.sort(key=lambda e: e.creation_time or 0, reverse=True)
+    return [(e.name, experiment_url(ui_base("", port), experiment_id(client, e.name, None))) for e in found]
 
 
 def start_ui(storage: Path, port: int = UI_PORT, host: str = "127.0.0.1", **popen_kwargs) -> subprocess.Popen:

@@ -213,7 +213,7 @@ def open_parent_run(cfg: Config, axes: list[Axis], *, name: str, directory: Path
         return state
     parent_cfg = copy.deepcopy(cfg)
     parent_cfg.tracking.parent_run_id = None
-    exp_id, run_id = tracking.create_run(parent_cfg, name=name)
+    exp_id, run_id = tracking.create_run(parent_cfg, name=name, command="sweep")
     logger = tracking.RunLogger(uri, run_id)
     logger.client.delete_tag(run_id, "rho")  # the trials' rho, not one value, describes a sweep
     logger.tags({"sdo.kind": "sweep", "sdo.sweep.scheduler": cfg.sweep.scheduler,

@@ -6,8 +6,8 @@ MLflow run is opened by the driver before any worker starts; workers only attach
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from orchestrator.run.directory import clear_stop, local_dir, stop_requested
 from orchestrator.run.failures import RunInterrupted
 from orchestrator.run.lifecycle import start
 from orchestrator.run.storage import RemotePath, location, ray_storage
+from orchestrator.train.console import Console
 from orchestrator.train.evaluation import AP_KEYS
 from orchestrator.train.faults import SdoTorchTrainer, worker_error
 from orchestrator.train.worker import train_loop_per_worker
@@ -27,11 +28,11 @@ from orchestrator.train.worker import train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
-def make_trainer(cfg: Config, run: dict, *, extra_callbacks: Iterable = ()) -> SdoTorchTrainer:
+def make_trainer(cfg: Config, run: dict, *, extra_callbacks: Iterable = (), progress=None) -> SdoTorchTrainer:
     """A TorchTrainer for the resolved ``cfg`` of the opened ``run`` (orchestrator.run.lifecycle.start).
 
     Ray Train restores from ``<storage_path>/<name>`` by itself when that run has checkpoints, so
-    a resumed trainer starts from the latest one.
+    a resumed trainer starts from the latest one. ``progress``: the console's queue, fed by rank 0.
     """
     name = run["name"]
     t = cfg.train
@@ -40,14 +41,14 @@ def make_trainer(cfg: Config, run: dict, *, extra_callbacks: Iterable = ()) -> S
     return SdoTorchTrainer(
         train_loop_per_worker,
         run_dir=run["run_dir"],
-        train_loop_config={"cfg": to_dict(cfg), "run": run},
+        train_loop_config={"cfg": to_dict(cfg), "run": run, "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoints.ray_num_to_keep(t.keep_checkpoints),
                                                          checkpoint_score_attribute="AP",
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
@@ -58,10 +59,12 @@ def make_trainer(cfg: Config, run: dict, *, extra_callbacks: Iterable = ()) -> S
 
 
 def finalize(cfg: Config, run: dict, result) -> dict:
-    """After fit: keep the best checkpoint as ``<run dir>/best``, log it and the plots, close the run."""
+    """After fit: point ``<run dir>/best`` at the best checkpoint, log its weights as the MLflow Model and the
+    plots, close the run."""
     from orchestrator.train import plots
 
-    uri, logger = run["tracking_uri"], tracking.RunLogger(run["tracking_uri"], run["mlflow_run_id"])
+    uri = run["tracking_uri"]
+    logger = tracking.RunLogger(uri, run["mlflow_run_id"], grouped=True)
     directory = location(run["run_dir"])
     best = result.get_best_checkpoint("AP", "max") if result.best_checkpoints else None
     best_path, mlflow_model = None, {}
@@ -69,18 +72,13 @@ def finalize(cfg: Config, run: dict, result) -> dict:
         if isinstance(directory, RemotePath):  # in object storage the best checkpoint is named where it lies
             best_path = directory / Path(best.path).name
         else:
-            best_path = directory / "best"
-            if best_path.exists():
-                shutil.rmtree(best_path)
-            shutil.copytree(best.path, best_path)
-        if cfg.tracking.log_checkpoints and not isinstance(best_path, RemotePath):
-            logger.artifact(best_path, "checkpoints/best")
+            best_path = checkpoints.point_best(directory, best.path)
         mlflow_model = log_best_model(uri, run["mlflow_run_id"], best_path, cfg.tracking.register_as)
     history = logger.history(sorted(set(logger.metric_keys())))
     if history:
         drawn = local_dir(directory) / "plots"
         plots.loss_curves(history, drawn / "loss_curves.png")
-        plots.ap_per_epoch(history, history.get("epoch", []), drawn / "ap_per_epoch.png")
+        plots.ap_per_epoch(history, [], drawn / "ap_per_epoch.png")  # val/* is stepped by epoch
         logger.artifact(drawn / "loss_curves.png", "plots")
         logger.artifact(drawn / "ap_per_epoch.png", "plots")
     tracking.set_status(uri, run["mlflow_run_id"], "FINISHED")
@@ -113,7 +111,7 @@ def log_best_model(uri: str, run_id: str, best_path: Path, register_as: str | No
 
 def run_training(cfg: Config, *, name: str, resume: bool = False, storage_path: str | None = None,
                  extra_callbacks: Iterable = (), mlflow_parent_run_id: str | None = None,
-                 command: str = "launch") -> dict:
+                 command: str = "launch", console: bool = False) -> dict:
     """Train to the end (restarting from checkpoints on infrastructure failures) -> result summary.
 
     Ray must be initialised (see ``orchestrator.cluster.local.ray_session``). The summary holds 'AP',
@@ -121,9 +119,50 @@ def run_training(cfg: Config, *, name: str, resume: bool = False, storage_path: 
     run is marked FINISHED after the best checkpoint and the plots are logged; FAILED on an error, which
     is re-raised as the worker's own error when a worker failed (so its type says bad input or not);
     KILLED on Ctrl-C, which raises RunInterrupted once the run has stopped at a checkpoint.
+    ``console``: show progress and epoch lines on stdout and keep all output in ``<run dir>/log.txt``.
     """
     resolved, run = start(cfg, name=name, resume=resume, storage_path=storage_path, parent_run_id=mlflow_parent_run_id)
-    trainer = make_trainer(resolved, run, extra_callbacks=extra_callbacks)
+    run_dir = location(run["run_dir"])
+    with contextlib.ExitStack() as stack:
+        shown = stack.enter_context(Console(local_dir(run_dir))) if console else None
+        if shown is not None:
+            shown.echo(f"sdo: run {name} in {run_dir}")
+            shown.echo(f"sdo: MLflow run: {run['run_url']}")
+        log_model_size(resolved, run)
+        trainer = make_trainer(resolved, run, extra_callbacks=extra_callbacks,
+                               progress=shown.queue if shown is not None else None)
+        return _fit(trainer, resolved, run, name=name, command=command)
+
+
+FLOPS_MIN_SIDE = 128  # below it the extra feature level is 1x1 and GroupNorm refuses it
+
+
+def log_model_size(cfg: Config, run: dict) -> None:
+    """``model/GFLOPs`` (one square image at the eval size ``data.val_scale``, at least FLOPS_MIN_SIDE;
+    tag ``sdo.flops_size``) and ``model/params_M`` of a new run."""
+    import dataclasses
+
+    logger = tracking.RunLogger(run["tracking_uri"], run["mlflow_run_id"])
+    if "model/GFLOPs" in logger.metric_keys():
+        return
+    from model import build
+    from model.flops import count_flops
+
+    model_cfg = dataclasses.replace(cfg.model, checkpoint=None, init_from=None,
+                                    backbone=dataclasses.replace(cfg.model.backbone, weights=None))
+    network, _, _ = build(model_cfg, cfg.loss)
+    side = max(cfg.data.val_scale, FLOPS_MIN_SIDE)
+    try:
+        gflops = float(count_flops(network.eval(), side, side)["total_gflops"])
+    except Exception as err:  # noqa: BLE001 - a size column is not worth failing a run for
+        log.warning("GFLOPs not counted (%s: %s)", type(err).__name__, err)
+        gflops = None
+    params = sum(p.numel() for p in network.parameters()) / 1e6
+    logger.metrics({"model/GFLOPs": gflops, "model/params_M": params}, step=0)
+    logger.tags({"sdo.flops_size": f"{side}x{side}"})
+
+
+def _fit(trainer, resolved: Config, run: dict, *, name: str, command: str) -> dict:
     run_dir = location(run["run_dir"])
     try:
         result = trainer.fit()

@@ -41,13 +41,15 @@ from orchestrator.train.step import (
 log = logging.getLogger(__name__)
 
 AP_KEYS = evaluation.AP_KEYS
-EVAL_KEYS = (*AP_KEYS, "dam_recall")  # logged per epoch, beside the epoch means of the losses
+EVAL_KEYS = (*AP_KEYS, "dam_recall")  # val/*, stepped by epoch
+SYSTEM_METRICS_INTERVAL = 5.0  # seconds between system-metric points (each also asks MLflow the run's status)
 
 
 class Trainer:
     """State of one worker's training: model, optimiser, loaders, counters."""
 
-    def __init__(self, cfg: Config, run: dict):
+    def __init__(self, cfg: Config, run: dict, progress=None):
+        """``progress``: the driver console's queue (orchestrator.train.console), fed by rank 0; None: silent."""
         from model import build
         from model.postprocess import PostProcess
         from pipelines.loader import make_loader
@@ -92,14 +94,22 @@ class Trainer:
         self.resume_epoch_state: dict = {}  # sums / counts of an epoch interrupted by a mid-epoch checkpoint
         self.last_eval: dict[str, float] = {}
         self.last_report: dict[str, float] = {}
+        self.best: tuple[float, int] | None = None  # (AP, epoch) of the best evaluation so far
         self.stopping = False
         self.attempt = 0  # rank 0: which start of the worker group this is (names its checkpoints)
         self.logger = None
         if self.rank == 0:
             from orchestrator.run.tracking import RunLogger
 
-            self.logger = RunLogger(run["tracking_uri"], run["mlflow_run_id"], exactly_once=True)
+            self.logger = RunLogger(run["tracking_uri"], run["mlflow_run_id"], exactly_once=True, grouped=True)
             self.attempt = self.logger.count_start()
+        self.progress = None
+        if self.rank == 0 and progress is not None:
+            from orchestrator.train.console import ProgressSender
+
+            self.progress = ProgressSender(progress, epochs=cfg.train.epochs, steps_per_epoch=self.steps_per_epoch,
+                                           world_size=self.world_size, log_every=cfg.train.log_every)
+        self.system_metrics = start_system_metrics(run, context) if cfg.tracking.system_metrics else None
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # a rank failing in _restore must not stop rank 0 before this start is counted
         self._restore()
@@ -131,6 +141,7 @@ class Trainer:
         self.last_report = dict(state.get("last_report", {}))
         if not restore_rng_state(state.get("rng", []), self.rank, self.world_size):
             log.info("rank %d: no RNG state for %d ranks in %s; dropout draws anew", self.rank, self.world_size, path)
+        self.best = tuple(state["best"]) if state.get("best") else None
         log.info("rank %d resumed from %s (epoch %d, step %d)", self.rank, path, epoch, self.step)
         if self.logger is not None:
             tags = {"sdo.resumed_from_epoch": epoch, "sdo.resumed_from_step": self.step,
@@ -172,6 +183,7 @@ class Trainer:
             "last_eval": dict(self.last_eval),
             "last_report": dict(self.last_report),
             "rng": rng,
+            "best": self.best,
         }
 
     # ---------------------------------------------------------------- one epoch
@@ -216,6 +228,10 @@ class Trainer:
             images_seen += images.shape[0]
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if self.progress is not None:
+                self.progress.step(epoch=epoch, step_in_epoch=steps_done, global_step=self.step,
+                                   loss=sums.get("loss", 0.0) / steps_done, lr=self.optimizer.param_groups[0]["lr"],
+                                   images=images_seen, seconds=elapsed_before + time.perf_counter() - started)
             logged = self.step % self.cfg.train.log_every == 0
             if logged:
                 step_metrics = all_reduce_mean(values, self.device)
@@ -296,6 +312,7 @@ class Trainer:
             ray.train.report(self.last_report, checkpoint=None)
             return
         for epoch in range(self.start_epoch, epochs):
+            epoch_started = time.perf_counter()
             trained = self.train_one_epoch(epoch)
             if trained is None:
                 return
@@ -303,16 +320,26 @@ class Trainer:
             self.check_data("train", self.train_loader)
             self.scheduler.step()
             last = epoch == epochs - 1
-            if (epoch + 1) % every == 0 or last:
+            evaluated = (epoch + 1) % every == 0 or last
+            if evaluated:
                 self.last_eval = self.evaluate(epoch)
                 self.check_data("val", self.val_loader)
+                ap = self.last_eval.get("AP", 0.0)
+                if self.best is None or ap > self.best[0]:
+                    self.best = (ap, epoch)
             metrics.update(self.last_eval or {"AP": 0.0})
             metrics["step"] = self.step
             if self.logger is not None:
-                epoch_metrics = {k: v for k, v in metrics.items() if k in ("epoch", "img_per_s", "epoch_time", *EVAL_KEYS)}
+                epoch_metrics = {k: v for k, v in metrics.items() if k in ("epoch", "img_per_s", "epoch_time")}
                 self.logger.metrics({**epoch_metrics,
                                      **{f"epoch_{k}": v for k, v in metrics.items() if k.startswith("loss")}},
                                     step=self.step)
+                if evaluated:  # val/* is stepped by epoch (1, 2, ...): its charts read per epoch
+                    self.logger.metrics({k: v for k, v in metrics.items() if k in EVAL_KEYS}, step=epoch + 1)
+            if self.progress is not None:
+                self.progress.epoch(epoch=epoch, loss=metrics.get("loss", 0.0),
+                                    ap=self.last_eval.get("AP") if evaluated else None, best=self.best,
+                                    seconds=time.perf_counter() - epoch_started)
             self._checkpoint(epoch, epoch_state=None, metrics=metrics, last=last)
             if self.stopping:
                 return
@@ -359,4 +386,33 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config``: {'cfg': to_dict(Config), 'run': {'run_dir', 'tracking_uri',
     'mlflow_run_id', 'name'}}."""
     cfg = from_dict(config["cfg"])
-    Trainer(cfg, config["run"]).fit()
+    trainer = Trainer(cfg, config["run"], progress=config.get("progress"))
+    try:
+        trainer.fit()
+    finally:
+        if trainer.system_metrics is not None:
+            stop_system_metrics(trainer.system_metrics)
+
+
+def start_system_metrics(run: dict, context):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) of this node, logged by its
+    local rank 0 as ``system/<node>/...`` -> the monitor, or None on the other ranks."""
+    if context.get_local_rank() != 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    node = f"node_{context.get_node_rank()}"
+    monitor = SystemMetricsMonitor(run["mlflow_run_id"], node_id=node, tracking_uri=run["tracking_uri"],
+                                   sampling_interval=SYSTEM_METRICS_INTERVAL, resume_logging=True)
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop the monitor, logging the samples it took since its last point (MLflow's drops them; a worker
+    group shorter than one interval would leave no point at all)."""
+    monitor.finish()
+    pending = monitor.aggregate_metrics()
+    if pending:
+        monitor.publish_metrics(pending)
+        monitor.mlflow_logger.flush()

@@ -78,7 +78,7 @@ def test_job_trains_on_the_head_and_follows_its_logs(head, tmp_path):
     assert run.data.tags["cluster_kind"] == "ray-jobs"
     assert run.data.params["cluster.address"] == head
     assert run.data.params["train.num_workers"] == "1"
-    assert "AP" in run.data.metrics
+    assert "val/AP" in run.data.metrics
 
 
 def test_failing_job_raises_with_its_status(head, tmp_path):

@@ -72,9 +72,31 @@ def test_run_logger_history_keeps_the_last_value_of_a_step(cfg):
     assert logger.status() == "FINISHED"
 
 
+def test_grouped_logger_stores_train_val_names_and_reads_bare_ones(cfg):
+    _, run_id = tracking.create_run(cfg, name="r3")
+    logger = tracking.RunLogger(tracking.tracking_uri(cfg), run_id, exactly_once=True, grouped=True)
+    logger.metrics({"loss": 3.0, "lr": 1e-4, "data/skipped_val_fraction": 0.0}, step=1)
+    logger.metrics({"AP": 0.25, "AR100": 0.5}, step=1)
+    logger.metrics({"AP": 0.5}, step=1)  # exactly once: a (metric, step) stored is kept
+    stored = MlflowClient(logger.uri).get_run(run_id).data.metrics
+    assert stored == {"train/loss": 3.0, "train/lr": 1e-4, "data/skipped_val_fraction": 0.0, "val/AP": 0.25,
+                      "val/AR100": 0.5}
+    assert logger.metric_keys() == ["AP", "AR100", "data/skipped_val_fraction", "loss", "lr"]
+    assert logger.history(["AP", "loss"]) == {"AP": [(1, 0.25)], "loss": [(1, 3.0)]}
+
+
+def test_source_tags_follow_mlflow_conventions(cfg):
+    _, run_id = tracking.create_run(cfg, name="r4")
+    tags = MlflowClient(tracking.tracking_uri(cfg)).get_run(run_id).data.tags
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("sdo launch", "LOCAL")
+    if tags["git_commit"] != "unknown":
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"]
+
+
 def test_run_url():
-    assert tracking.run_url("sqlite:////x/mlflow.db", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
-    assert tracking.run_url("https://mlflow.example/", "3", "abc") == "https://mlflow.example/#/experiments/3/runs/abc"
+    query = "?workflowType=machine_learning"
+    assert tracking.run_url("sqlite:////x/mlflow.db", "3", "abc") == f"http://127.0.0.1:5000/#/experiments/3/runs/abc{query}"
+    assert tracking.run_url("https://mlflow.example/", "3", "abc") == f"https://mlflow.example/#/experiments/3/runs/abc{query}"
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -118,6 +140,22 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoints.load(tmp_path / "missing")
+
+
+def test_best_is_a_link_to_a_checkpoint_folder_not_a_copy(tmp_path):
+    state = {"model": {"w": torch.ones(2)}, "optimizer": {}, "scheduler": {}, "epoch": 0, "step": 2,
+             "config": {}, "mlflow_run_id": "abc"}
+    run_dir = tmp_path / "run"
+    first = checkpoints.save(run_dir / "checkpoint_step000000002-1", state)
+    second = checkpoints.save(run_dir / "checkpoint_step000000004-1", {**state, "step": 4})
+    checkpoints.save(run_dir / "best", state)  # a copy, as sdo < 0.3 left it
+    best = checkpoints.point_best(run_dir, first)
+    assert best.is_symlink() and os.readlink(best) == first.name  # relative: the run directory can move
+    checkpoints.point_best(run_dir, second)
+    assert checkpoints.load(best)["step"] == 4 and sorted(p.name for p in run_dir.iterdir()) == [
+        "best", first.name, second.name]
+    # Ray keeps num_to_keep best-scored folders and the latest besides them
+    assert [checkpoints.ray_num_to_keep(k) for k in (1, 2, 5)] == [1, 1, 4]
 
 
 def test_crash_hook_fires_once_per_run_dir(tmp_path):

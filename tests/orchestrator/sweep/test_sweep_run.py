@@ -124,7 +124,7 @@ def test_one_parent_and_one_child_per_trial_no_duplicates(sweep):
         assert run.data.tags["sdo.trial_id"] == trial["trial"]
         assert run.data.tags["sdo.sweep.status"] == trial["status"]
         assert run.info.status == ("FINISHED" if trial["status"] == "completed" else "KILLED")
-        assert "AP" in run.data.metrics and run.data.metrics["gflops"] == pytest.approx(trial["gflops"])
+        assert "val/AP" in run.data.metrics and run.data.metrics["gflops"] == pytest.approx(trial["gflops"])
 
 
 def test_parent_run_records_space_best_trial_and_report(sweep):

@@ -32,7 +32,7 @@ from orchestrator.cluster.local import ray_session
 from orchestrator.run import checkpoints
 from orchestrator.run.directory import STOP_MARKER, read_run_state
 from orchestrator.run.failures import CheckpointError
-from orchestrator.run.tracking import WORKER_GROUP_STARTS
+from orchestrator.run.tracking import WORKER_GROUP_STARTS, metric_key
 from orchestrator.train.driver import run_training
 
 STEPS = 3  # per epoch
@@ -41,7 +41,8 @@ LOSS_KEYS = ("loss", "loss_ce", "loss_bbox", "lr")
 
 
 def _config(root: Path, shards, name: str, **train):
-    values = {"epochs": 2, "max_steps_per_epoch": STEPS, "checkpoint_every": 1, "keep_checkpoints": 2, **train}
+    # 3 folders: the damaged latest one has two older ones to fall back to
+    values = {"epochs": 2, "max_steps_per_epoch": STEPS, "checkpoint_every": 1, "keep_checkpoints": 3, **train}
     path, cfg = tiny_config(root / f"{name}.yaml", shards, root / "runs", **values)
     assert cfg.model.dropout > 0  # the twin comparison holds with dropout: each rank's RNG state is checkpointed
     cfg.eval.dam_images = 0
@@ -67,11 +68,11 @@ def _final_weights(summary: dict) -> dict:
 
 
 def _steps(client, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
+    return sorted(m.step for m in client.get_metric_history(run_id, metric_key(key)))
 
 
 def _values_by_step(client, run_id: str, key: str) -> list[float]:
-    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric_key(key)), key=lambda m: m.step)]
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,9 @@ def test_every_metric_step_is_stored_once_and_epochs_increase(runs):
     client, run_id = runs["client"], runs["resumed"]["mlflow_run_id"]
     for key in LOSS_KEYS:
         assert _steps(client, run_id, key) == list(range(1, 3 * STEPS + 1)), key
-    for key in ("epoch", "AP", "epoch_loss"):
+    for key in ("epoch", "epoch_loss"):
         assert _steps(client, run_id, key) == [STEPS, 2 * STEPS, 3 * STEPS], key
+    assert _steps(client, run_id, "AP") == [1, 2, 3]  # val/* is stepped by epoch
     assert _values_by_step(client, run_id, "epoch") == [0.0, 1.0, 2.0]
     # the restarted run retraced the twin's curve: its 2 epochs match the twin's point for point
     twin = _values_by_step(client, runs["twin"]["mlflow_run_id"], "loss")
@@ -227,7 +229,7 @@ def _wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int, timeou
         state = read_run_state(run_dir)
         if state is not None:
             client = MlflowClient(state["tracking_uri"])
-            if len(client.get_metric_history(state["mlflow_run_id"], "loss")) >= steps:
+            if len(client.get_metric_history(state["mlflow_run_id"], "train/loss")) >= steps:
                 return client
         time.sleep(0.5)
     raise AssertionError(f"no {steps} steps logged: {process.communicate(timeout=60)}")
