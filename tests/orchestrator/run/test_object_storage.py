@@ -73,9 +73,9 @@ def test_the_resume_read_its_checkpoint_back_from_the_bucket(stored):
     assert run.info.status == "FINISHED"
     assert run.data.tags["sdo.resumed_from_step"] == str(STEPS)
     assert run.data.tags["sdo.resumed_from"].startswith(f"s3://{BUCKET}/{PREFIX}/r1/checkpoint_step")
-    steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
     assert steps == list(range(1, 2 * STEPS + 1))  # each step once across the two launches
-    assert [m.value for m in sorted(client.get_metric_history(run_id, "epoch"), key=lambda m: m.step)] == [0.0, 1.0]
+    assert [m.value for m in sorted(client.get_metric_history(run_id, "train/epoch"), key=lambda m: m.step)] == [0.0, 1.0]
     assert stored["second"]["best_checkpoint"].startswith(f"s3://{BUCKET}/{PREFIX}/r1/checkpoint_step")
     assert isinstance(location(stored["second"]["best_checkpoint"]), RemotePath)
     assert all(torch.isfinite(v).all() for v in stored["best"]["model"].values() if v.is_floating_point())

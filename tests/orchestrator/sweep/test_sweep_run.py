@@ -180,7 +180,7 @@ def test_an_interrupted_and_resumed_sweep_equals_the_whole_one(sweep):
         assert tags[NAME] == tags[WHOLE] and len(tags[NAME]) == 2, rho
         assert runs[NAME].info.status == runs[WHOLE].info.status
         # the trial interrupted mid-training resumed at its exact step, with its RNG: the same loss curve
-        curves = {name: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "loss"),
+        curves = {name: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"),
                                                             key=lambda m: m.step)] for name, run in runs.items()}
         assert curves[NAME] and [s for s, _ in curves[NAME]] == [s for s, _ in curves[WHOLE]], rho
         assert [v for _, v in curves[NAME]] == pytest.approx([v for _, v in curves[WHOLE]], rel=1e-5), rho
