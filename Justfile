@@ -50,7 +50,7 @@ browser: setup
       export DEBIAN_FRONTEND=noninteractive
       apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } && exit 0
     fi
-    {{py}} -m playwright install chromium >/dev/null 2>&1 || echo "just: no Chromium found or installable; the browser test will skip"
+    timeout 300 {{py}} -m playwright install chromium >/dev/null 2>&1 || echo "just: no Chromium found or installable; the browser test will skip"
 
 # (Re)build the native deformable-attention op (JIT, cached) and say what is built.
 ops: setup

@@ -20,7 +20,9 @@ def test_cells_fps_ratios_and_gflops(native_op):
     assert report["benchmark"] == "model" and report["skipped"] == []
     assert report["config"]["settings"] == ["native-eager-fp32", "reference-eager-fp32"]
     cells = {(c["setting"], c["rho"], c["batch"]): c for c in report["cells"]}
-    assert len(cells) == len(report["cells"]) == 2 * 2 * 2
+    # the base at both batch sizes, the reference-op contrast at the first only
+    assert sorted(cells) == sorted([("native-eager-fp32", r, b) for r in (0.0, 0.5) for b in (1, 2)]
+                                   + [("reference-eager-fp32", r, 1) for r in (0.0, 0.5)])
     for (setting, rho, batch), cell in cells.items():
         assert cell["fps"] > 0 and cell["timed_iters"] == 2
         assert cell["fps"] * cell["seconds_per_image"] == pytest.approx(1.0, rel=2e-3)
@@ -37,6 +39,18 @@ def test_settings_are_the_base_and_one_axis_at_a_time():
                                                       cross=False)]
     assert names == ["native-eager-fp32", "reference-eager-fp32", "native-compile-fp32", "native-eager-bf16"]
     assert len(bench_model.settings_for(("native", "reference"), ("eager", "compile"), ("fp32", "bf16"), cross=True)) == 8
+
+
+def test_default_plan_measures_the_base_everywhere_and_each_contrast_where_it_answers():
+    settings = bench_model.settings_for(("native", "reference"), ("eager", "compile"), ("fp32", "bf16"), cross=False)
+    rhos, batches = (0.0, 0.1, 0.2, 0.3, 0.5), (1, 4)
+    plan = {(s.name, r, b) for s, r, b in bench_model.plan_cells(settings, rhos, batches, cross=False)}
+    assert {(n, r, b) for n, r, b in plan if n == "native-eager-fp32"} == {("native-eager-fp32", r, b)
+                                                                           for r in rhos for b in batches}
+    for contrast in ("reference-eager-fp32", "native-eager-bf16"):
+        assert {(r, b) for n, r, b in plan if n == contrast} == {(r, 1) for r in rhos}
+    assert {(r, b) for n, r, b in plan if n == "native-compile-fp32"} == {(0.0, 1), (0.1, 1)}
+    assert len(bench_model.plan_cells(settings, rhos, batches, cross=True)) == 4 * 5 * 2
 
 
 def test_compile_payback_arithmetic():
