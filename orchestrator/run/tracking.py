@@ -240,13 +240,27 @@ def shard_dataset(source: str, split: str):
 
 
 def log_dataset_inputs(uri: str, run_id: str, cfg: Config) -> None:
-    """The train and val shards as the run's dataset inputs (context tags ``training`` / ``validation``)."""
+    """The train and val shards as the run's dataset inputs (context tags ``training`` / ``validation``).
+
+    Descriptive only: a source that does not resolve here (preflight has checked it where it matters)
+    is named in the tag ``sdo.dataset_inputs_missing`` instead of failing the run being opened.
+    """
     from mlflow.entities import DatasetInput, InputTag
 
-    inputs = [DatasetInput(shard_dataset(source, split), [InputTag("mlflow.data.context", context)])
-              for split, source, context in (("train", cfg.data.train_shards, "training"),
-                                             ("val", cfg.data.val_shards, "validation"))]
-    MlflowClient(tracking_uri=uri).log_inputs(run_id, datasets=inputs)
+    from pipelines.errors import DataError
+
+    client, inputs, missing = MlflowClient(tracking_uri=uri), [], []
+    for split, source, context in (("train", cfg.data.train_shards, "training"),
+                                   ("val", cfg.data.val_shards, "validation")):
+        try:
+            inputs.append(DatasetInput(shard_dataset(source, split), [InputTag("mlflow.data.context", context)]))
+        except (DataError, OSError) as err:
+            log.warning("dataset input %s not logged: %s", split, err)
+            missing.append(f"{split}: {err}")
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+    if missing:
+        client.set_tag(run_id, "sdo.dataset_inputs_missing", "; ".join(missing)[:5000])
 
 
 def run_url(uri: str, exp_id: str, run_id: str) -> str:

@@ -34,6 +34,8 @@ def test_each_attempt_finds_the_state_of_the_previous_one(tmp_path):
     runs = client.search_runs([first["experiment_id"]], run_view_type=3)
     assert [r.info.run_id for r in runs] == [first["mlflow_run_id"]]  # one MLflow run across the attempts
     assert runs[0].info.status == "RUNNING"
+    # no shards here: the dataset inputs are named as missing, the run is opened all the same
+    assert runs[0].data.tags["sdo.dataset_inputs_missing"].startswith("train: data source runs/data/shards/train")
 
 
 def test_resume_if_exists_is_decided_inside_the_job(tmp_path):
