@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 from orchestrator.cluster import reaper as reaper_process
 from orchestrator.config import Config
+from orchestrator.run.directory import local_dir
 from orchestrator.run.failures import sigterm_as_interrupt
 from orchestrator.train.console import append_log, is_verbose
 
@@ -78,5 +79,5 @@ def launch_local(cfg: Config, *, name: str, resume: bool, echo: Callable[[str], 
              f"sdo: best checkpoint: {summary['best_checkpoint']}", f"sdo: MLflow run: {summary['run_url']}"]
     for line in lines:
         echo(line)
-    append_log(summary["run_dir"], lines)
+    append_log(local_dir(summary["run_dir"]), lines)  # log.txt is local, beside a run in object storage
     return summary
