@@ -49,7 +49,7 @@ def _images(height, width, seed):
     return torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("rho", [0.0, 0.1])
+@pytest.mark.parametrize("rho", [0.1])  # the sparse path; dense exports the same layers minus the top-k (70 s more of CI)
 def test_onnx_in_onnxruntime_matches_eager(tmp_path, rho):
     ort = pytest.importorskip("onnxruntime", reason="the [export] extra (onnx, onnxruntime, onnxscript)")
     path, cfg = tiny_cfg(tmp_path, rho)
