@@ -38,7 +38,7 @@ def stored(s3, tmp_path_factory):
         env.chdir(root)
         shards = make_shards(root, num_train=8, num_val=2, size=64)  # 2 steps per epoch on 2 workers
         _, cfg = tiny_config(root / "t.yaml", shards, f"s3://{BUCKET}/{PREFIX}", epochs=1, max_steps_per_epoch=STEPS,
-                             checkpoint_every=0, keep_checkpoints=2)  # epoch ends only: each one is ~130 MB of PUTs
+                             checkpoint_every=None, keep_checkpoints=2)  # epoch ends only: each one is ~130 MB of PUTs
         cfg.tracking.uri = f"sqlite:///{root / 'mlflow.db'}"
         cfg.eval.dam_images = 1
         with ray_session(cfg):
