@@ -251,9 +251,24 @@ def _screenshot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
+def _playwright_browser() -> bool:
+    """Whether `playwright install chromium` has put a browser in its cache."""
+    cache = Path(os.environ.get("PLAYWRIGHT_BROWSERS_PATH") or Path.home() / ".cache" / "ms-playwright")
+    return any(cache.glob("chromium*"))
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.skipif(not _importable("playwright") or (_chromium() is None and not _playwright_browser()),
+                    reason="no playwright or no Chromium (`just browser` installs one where it can)")
 def test_sdo_ui_in_a_browser_shows_the_run_with_its_ap_and_a_dam_picture(run, tmp_path):
     """`sdo ui` (the command itself) on the finished run, driven by headless Chromium."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
+
     executable = _chromium()
     summary = run["summary"]
     port = free_port()
@@ -265,10 +280,7 @@ def test_sdo_ui_in_a_browser_shows_the_run_with_its_ap_and_a_dam_picture(run, tm
         [experiment_url] = [line.rsplit(" ", 1)[1].strip() for line in printed if line.startswith("sdo: experiment ")]
         assert experiment_url.startswith(f"http://127.0.0.1:{port}/#/experiments/{summary['experiment_id']}/runs?")
         with sync_api.sync_playwright() as playwright:
-            try:
-                browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-            except sync_api.Error as err:
-                pytest.skip(f"no Chromium to drive: {str(err).splitlines()[0]}")
+            browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1600, "height": 900})
             _wait_for_ui(port)
             page.goto(experiment_url)  # the URL sdo prints: Model-training view, sdo's columns
