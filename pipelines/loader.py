@@ -48,7 +48,6 @@ from pipelines.sources import Shard, resolve
 from pipelines.transforms import (
     DEFAULT_SCALES,
     make_transforms,
-    normalize_into,
     prepare_target,
 )
 
@@ -111,26 +110,6 @@ def collate_uint8(samples):
     for i, (image, _) in enumerate(samples):
         h, w = image.shape[1:]
         images[i, :, :h, :w] = image
-        images[i, :, h:, :].zero_()
-        images[i, :, :h, w:].zero_()
-        mask[i, :h, :w] = False
-    return images, mask, [target for _, target in samples]
-
-
-def collate(samples):
-    """[(image uint8 [3, h_i, w_i], target)] -> (images [B, 3, H, W] float32 ImageNet-normalised,
-    zero padded; mask [B, H, W] bool True = pad; targets).
-
-    The float path the loader used before it shipped uint8 (`collate_uint8` + `normalize_batch` give
-    the same numbers); kept as the reference that `sdo bench data` and the tests compare against.
-    """
-    height = max(image.shape[1] for image, _ in samples)
-    width = max(image.shape[2] for image, _ in samples)
-    images = _batch_tensor((len(samples), 3, height, width), torch.float32)
-    mask = torch.ones(len(samples), height, width, dtype=torch.bool)
-    for i, (image, _) in enumerate(samples):
-        h, w = image.shape[1:]
-        normalize_into(images[i, :, :h, :w], image)
         images[i, :, h:, :].zero_()
         images[i, :, :h, w:].zero_()
         mask[i, :h, :w] = False
@@ -242,9 +221,9 @@ class EpochDataset(IterableDataset):
     """One epoch of one rank; each DataLoader worker yields (batch, worker id, its stats so far)."""
 
     def __init__(self, plans: list[WorkerPlan], transforms, *, train: bool, batch_size: int,
-                 shuffle_buffer: int, seed: int, epoch: int, rank: int, collate_fn=collate_uint8):
+                 shuffle_buffer: int, seed: int, epoch: int, rank: int):
         super().__init__()
-        self.plans, self.transforms, self.train, self.collate = plans, transforms, train, collate_fn
+        self.plans, self.transforms, self.train = plans, transforms, train
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.stats = Counter()
@@ -349,7 +328,7 @@ class EpochDataset(IterableDataset):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 records = [record for _, _, record in batch if record is not None]
-                yield self.collate([(image, target) for image, target, _ in batch]), worker, dict(self.stats), records
+                yield collate_uint8([(image, target) for image, target, _ in batch]), worker, dict(self.stats), records
                 batch = []
         yield None, worker, dict(self.stats), []
 
@@ -385,7 +364,6 @@ class ShardLoader:
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.transforms = make_transforms(train, scales=tuple(scales), max_size=max_size, val_scale=val_scale,
                                           random_crop=random_crop)
-        self.collate = collate_uint8  # how the workers batch samples (the bench swaps in the float path)
         self.epoch = 0
         self._stats_total, self._stats_epoch = Counter(), Counter()
         self._records: list[dict] = []
@@ -430,8 +408,7 @@ class ShardLoader:
     def __iter__(self):
         plans, _ = self._plan(self.epoch)
         dataset = EpochDataset(plans[self.rank], self.transforms, train=self.train, batch_size=self.batch_size,
-                               shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                               collate_fn=self.collate)
+                               shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank)
         # its own generator: drawing the workers' base seed from the global RNG would shift the dropout
         # draws of a run resumed mid-epoch (the iterator is created at a different point of the stream)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,

@@ -183,7 +183,7 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
 
 def normalize_batch(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] + mask [B, H, W] (True = pad) -> float32 [B, 3, H, W], ImageNet-normalised and
-    zero at the padding, on the tensors' device: the numbers `pipelines.loader.collate` gives on CPU."""
+    zero at the padding, on the tensors' device: per image, the numbers of `normalize`."""
     scale, shift = _SCALE.to(images.device), _NEG_SHIFT.to(images.device)
     return images.float().mul_(scale).add_(shift).masked_fill_(mask.unsqueeze(1), 0.0)
 

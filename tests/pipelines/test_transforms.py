@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.loader import collate, collate_uint8
+from pipelines.loader import collate_uint8
 from pipelines.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -79,7 +79,8 @@ def test_to_tensor_normalize_and_collate_values():
     assert torch.allclose(normalize(pixels), expected.view(3, 1, 1).expand(3, 10, 20), atol=1e-6)
 
     tall, _ = ToTensor()(Image.new("RGB", (8, 16), (0, 0, 255)), _target([[0, 0, 1, 1]], 8, 16), random.Random(0))
-    images, mask, targets = collate([(pixels, target), (tall, target)])
+    images, mask, targets = collate_uint8([(pixels, target), (tall, target)])
+    images = normalize_batch(images, mask)
     assert images.shape == (2, 3, 16, 20) and mask.shape == (2, 16, 20)
     assert torch.allclose(images[0, :, :10, :20], normalize(pixels)) and (images[0, :, 10:] == 0).all()
     assert torch.allclose(images[1, :, :16, :8], normalize(tall)) and (images[1, :, :, 8:] == 0).all()
@@ -88,12 +89,23 @@ def test_to_tensor_normalize_and_collate_values():
 
 
 
+def _float_collate(samples):
+    """The float32 batches the loader shipped before uint8: each image normalised, then zero padded."""
+    height, width = max(p.shape[1] for p, _ in samples), max(p.shape[2] for p, _ in samples)
+    images = torch.zeros(len(samples), 3, height, width)
+    mask = torch.ones(len(samples), height, width, dtype=torch.bool)
+    for i, (pixels, _) in enumerate(samples):
+        images[i, :, :pixels.shape[1], :pixels.shape[2]] = normalize(pixels)
+        mask[i, :pixels.shape[1], :pixels.shape[2]] = False
+    return images, mask, [target for _, target in samples]
+
+
 def test_uint8_batch_normalised_on_the_device_equals_the_float_path():
     """The loader ships uint8 and the consumer normalises: the same numbers as the float32 collate."""
     rng = np.random.default_rng(0)
     samples = [(torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)), {"i": i})
                for i, (h, w) in enumerate([(37, 50), (48, 21), (12, 64)])]
-    reference, reference_mask, _ = collate(samples)
+    reference, reference_mask, _ = _float_collate(samples)
     pixels, mask, targets = collate_uint8(samples)
     assert pixels.dtype == torch.uint8 and torch.equal(mask, reference_mask) and [t["i"] for t in targets] == [0, 1, 2]
     assert pixels.element_size() * pixels.nelement() * 4 == reference.element_size() * reference.nelement()
