@@ -1,4 +1,4 @@
-"""Build the detector, its criterion and post-processor from a model / loss config."""
+"""Build the detector and its criterion from a model / loss config (PostProcess: model.postprocess)."""
 from __future__ import annotations
 
 from model.backbone import build_backbone
@@ -47,9 +47,7 @@ def build_model(model_cfg) -> SparseDETR:
 
 
 def build(model_cfg, loss_cfg):
-    """-> (SparseDETR, SetCriterion, PostProcess)"""
+    """-> (SparseDETR, SetCriterion)"""
     from model.criterion import build_criterion
-    from model.postprocess import PostProcess
 
-    model = build_model(model_cfg)
-    return model, build_criterion(model_cfg, loss_cfg), PostProcess()
+    return build_model(model_cfg), build_criterion(model_cfg, loss_cfg)

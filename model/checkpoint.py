@@ -26,15 +26,19 @@ def _list(keys, limit: int = 12) -> str:
     return f"{len(keys)}: {', '.join(shown[:limit])}{more}"
 
 
-def read_checkpoint(path) -> dict:
-    """Read a checkpoint file without executing arbitrary pickled code -> the loaded dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no such file {path}")
+def read_checkpoint(path, source=None, map_location="cpu") -> dict:
+    """Read a checkpoint file without executing arbitrary pickled code -> the loaded dict.
+
+    ``source``: a binary file object to read instead of opening ``path`` (which then only names it).
+    """
+    if source is None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint: no such file {path}")
     try:
         # official files pickle their argparse.Namespace of arguments next to the weights
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path if source is None else source, map_location=map_location, weights_only=True)
     except Exception as err:
         raise ValueError(f"checkpoint: cannot read {path}: {err}") from err
     if not isinstance(ckpt, dict):

@@ -121,12 +121,18 @@ class TrainConfig:
     log_every: int = doc("report training metrics every N steps", 10)
     max_steps_per_epoch: int | None = doc("cap on steps per epoch (null = full epoch from the index)", None)
     max_failures: int = doc("worker-group restarts from the latest checkpoint before giving up", 3)
-    keep_checkpoints: int = doc("checkpoint folders a run keeps, at most: the best by AP and the latest are always "
-                                "among them (so 1 keeps 2 while they differ)", 2)
-    checkpoint_every: int | None = doc("also checkpoint every N global steps inside an epoch (null = epoch ends "
-                                       "only); a lost worker then costs at most N steps", None)
     storage_path: str = doc("where runs, checkpoints and the embedded MLflow store live", "runs")
     crash_at_step: int | None = doc("fault-injection hook for tests: worker rank 1 exits once at this global step", None)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = doc("also checkpoint every N global steps inside an epoch (null = epoch ends only); "
+                                  "a lost worker then costs at most N steps", None)
+    keep: int = doc("checkpoint folders a run keeps, at most: the best by AP and the latest are always among them "
+                    "(so 1 keeps 2 while they differ)", 2)
+    log_final: bool = doc("also log the final training checkpoint (with optimizer state) as an MLflow artifact; the "
+                          "best weights are always logged, as the run's MLflow Model", False)
 
 
 @dataclass
@@ -142,8 +148,6 @@ class EvalConfig:
 class TrackingConfig:
     uri: str | None = doc("MLflow tracking URI; null = sqlite store under <storage_path>/mlflow", None)
     experiment: str = doc("MLflow experiment name", "sdo")
-    log_checkpoints: bool = doc("also log the final training checkpoint (with optimizer state) as an MLflow "
-                                "artifact; the best weights are always logged, as the run's MLflow Model", False)
     system_metrics: bool = doc("log MLflow system metrics (CPU, memory, GPU) of every worker node", True)
     parent_run_id: str | None = doc("MLflow run to nest this run under (set by `sdo sweep` for its trials)", None)
     register_as: str | None = doc("register the run's MLflow Model (best weights) under this model-registry name", None)
@@ -166,7 +170,7 @@ class ClusterConfig:
 
 def cluster_kind(address: str) -> str:
     """``cluster.address`` / ``--cluster`` -> 'local' | 'ray-jobs' (http(s)://HEAD:8265) | 'kubernetes' (a *.yaml
-    KubeRay cluster spec). The one classifier: launchers dispatch on it and runs are tagged with it."""
+    KubeRay cluster spec). The one classifier: the dispatchers use it and runs are tagged with it."""
     if address == "local":
         return "local"
     if address.startswith(("http://", "https://")):
@@ -195,7 +199,8 @@ class Config:
     model: ModelConfig = doc("the Sparse DETR network", default_factory=ModelConfig)
     loss: LossConfig = doc("matching costs and loss weights", default_factory=LossConfig)
     data: DataConfig = doc("shards, batching and augmentation", default_factory=DataConfig)
-    train: TrainConfig = doc("optimisation, workers, checkpoints", default_factory=TrainConfig)
+    train: TrainConfig = doc("optimisation and workers", default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = doc("when to checkpoint, how many to keep", default_factory=CheckpointConfig)
     eval: EvalConfig = doc("COCO evaluation during training", default_factory=EvalConfig)
     tracking: TrackingConfig = doc("MLflow tracking", default_factory=TrackingConfig)
     cluster: ClusterConfig = doc("where the run executes", default_factory=ClusterConfig)
@@ -259,7 +264,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key}: unsupported field type {hint!r}")
 
 
+# Keys that moved: a config written for an older sdo fails with one line naming the new key.
+RENAMED = {
+    "train.checkpoint_every": "checkpoint.every_steps",
+    "train.keep_checkpoints": "checkpoint.keep",
+    "tracking.log_checkpoints": "checkpoint.log_final",
+}
+
+
 def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    if key in RENAMED:
+        return ConfigError(f"config key {key!r} is now {RENAMED[key]!r}")
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     hint = f" (did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?)" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
@@ -453,9 +468,9 @@ def validate(cfg: Config) -> None:
     _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch", t.max_steps_per_epoch, "must be >= 1 or null")
     _check(t.max_failures >= 0, "train.max_failures", t.max_failures, "must be >= 0")
-    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
-    _check(t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every,
-           "must be >= 1 or null")
+    k = cfg.checkpoint
+    _check(k.keep >= 1, "checkpoint.keep", k.keep, "must be >= 1")
+    _check(k.every_steps is None or k.every_steps >= 1, "checkpoint.every_steps", k.every_steps, "must be >= 1 or null")
     _check(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "must be >= 1")
     _check(1 <= cfg.eval.max_dets <= m.num_queries * max(m.num_classes, 1), "eval.max_dets", cfg.eval.max_dets, "must be >= 1")
     _check(cfg.eval.dam_images >= 0, "eval.dam_images", cfg.eval.dam_images, "must be >= 0")

@@ -6,5 +6,6 @@
 - transforms            : DETR's augmentations in plain torch/PIL
 - coco_eval             : ground truth from shards, PostProcess -> COCO json, pycocotools metrics
 
-Never imports Ray or MLflow (see DESIGN.md): the orchestrator drives these functions.
+Never imports Ray or MLflow (docs/ARCHITECTURE.md; tests/test_layout.py checks it): the orchestrator drives
+these functions.
 """

@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from pipelines.errors import DataError
 from pipelines.loader import CorruptSampleWarning
 from pipelines.records import parse_record, records_to_coco
-from pipelines.sources import resolve
+from pipelines.sources import resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def ground_truth(source) -> dict:
     val loader itself (`ShardLoader.ground_truth()`), which also drops samples whose image is
     unreadable. An image id seen twice keeps its first record.
     """
-    shard_set = resolve(source)
+    shard_set = resolve_shards(source)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([shard.url for shard in shard_set.shards]),
         wds.tarfile_to_samples(handler=_warn_and_continue, select_files=lambda name: name.endswith(".json")))

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.errors import DataError, SkipBudgetError
 from pipelines.records import parse_record, records_to_coco
-from pipelines.sources import Shard, resolve
+from pipelines.sources import Shard, resolve_shards
 from pipelines.transforms import (
     DEFAULT_SCALES,
     make_transforms,
@@ -356,7 +356,7 @@ class ShardLoader:
                 raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
-        self.shard_set = resolve(source)
+        self.shard_set = resolve_shards(source)
         if not self.shard_set.shards:
             raise DataError(f"shard index of {source} lists no shards")
         self.source, self.train, self.batch_size = str(source), train, batch_size

@@ -85,7 +85,7 @@ def max_category_id(index: dict) -> int | None:
     return max(ids, default=None)
 
 
-def resolve(source) -> ShardSet:
+def resolve_shards(source) -> ShardSet:
     """Index and shard list of `source` (see the module docstring). Raises for a missing/bad index."""
     source = os.fspath(source)
     if not _is_url(source) and os.path.isdir(source):

@@ -1,4 +1,4 @@
-"""DESIGN.md's layout rules, checked on the source.
+"""docs/ARCHITECTURE.md's layout rules, checked on the source.
 
 - model/ and pipelines/ import only their own third-party packages: never orchestrator, ray or mlflow.
 - Inside orchestrator/, imports go down the floors: cli on top; sweep and bench may use cluster;
@@ -23,11 +23,11 @@ THIRD_PARTY = {
                   "boto3", "botocore"},  # pipelines/remote.py: shards in S3 (the optional `s3` extra)
 }
 # orchestrator/ packages (or top-level modules) -> floor; an import may only go to a lower floor or
-# stay inside its own package. `launch` is the alias module of the old Ray Job entry point.
+# stay inside its own package.
 FLOORS = {"config": 0, "ops_build": 0, "run": 1, "train": 2, "cluster": 3, "inference": 3, "sweep": 4, "bench": 4,
-          "cli": 5, "launch": 5}
+          "cli": 5}
 RUN_STATE_FILE = "sdo_run.json"
-STATE_WRITERS = {"write_run_state"}
+STATE_WRITERS = {"write_identity"}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -149,7 +149,7 @@ def test_package_imports_follow_design(package):
         bad = {root for root in imported_roots(path) if root not in stdlib and root not in THIRD_PARTY[package]}
         if bad:
             offenders[str(path.relative_to(ROOT))] = sorted(bad)
-    assert not offenders, f"{package}/ imports outside DESIGN.md's rules: {offenders}"
+    assert not offenders, f"{package}/ imports outside ARCHITECTURE.md's rules: {offenders}"
 
 
 def test_orchestrator_imports_go_down_the_floors():
@@ -169,7 +169,7 @@ def test_only_run_writes_the_run_state():
 
 
 def test_orchestrator_is_grouped_by_concern():
-    """DESIGN.md's folders, and no filename prefix standing in for a package."""
+    """ARCHITECTURE.md's folders, and no filename prefix standing in for a package."""
     top = {p.name for p in (ROOT / "orchestrator").iterdir() if not p.name.startswith("__")}
     assert {"config.py", "cli", "run", "train", "sweep", "cluster", "bench"} <= top
     prefixed = sorted(p.name for p in (ROOT / "orchestrator").rglob("*.py")
@@ -207,15 +207,15 @@ def test_the_checkers_see_each_kind_of_violation(tmp_path):
         "orchestrator/cluster/__init__.py": "", "orchestrator/cluster/local.py": "import kubernetes\n",
         # sweep and bench are peers; sweep talks to kubernetes and writes the run state itself
         "orchestrator/sweep/__init__.py": "",
-        "orchestrator/sweep/driver.py": "from orchestrator.bench import ops\nfrom kubernetes import client\n"
-                                        "open('x/sdo_run.json', 'w')\nwrite_run_state(1, 2)\n",
+        "orchestrator/sweep/tuner.py": "from orchestrator.bench import ops\nfrom kubernetes import client\n"
+                                       "open('x/sdo_run.json', 'w')\nwrite_identity(1, 2)\n",
         "orchestrator/bench/__init__.py": "", "orchestrator/bench/ops.py": "",
     })
     assert floor_violations(root) == ["orchestrator.run.lifecycle -> orchestrator.train.worker",
-                                      "orchestrator.sweep.driver -> orchestrator.bench.ops",
+                                      "orchestrator.sweep.tuner -> orchestrator.bench.ops",
                                       "orchestrator.train.worker -> orchestrator.cluster.local"]
-    assert kubernetes_outside_cluster(root) == ["orchestrator/sweep/driver.py"]
-    assert run_state_writers_outside_run(root) == ["orchestrator/sweep/driver.py:3", "orchestrator/sweep/driver.py:4"]
+    assert kubernetes_outside_cluster(root) == ["orchestrator/sweep/tuner.py"]
+    assert run_state_writers_outside_run(root) == ["orchestrator/sweep/tuner.py:3", "orchestrator/sweep/tuner.py:4"]
 
 
 def test_the_cycle_checker_finds_a_cycle(tmp_path):

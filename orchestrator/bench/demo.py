@@ -15,14 +15,12 @@ import platform
 import time
 from pathlib import Path
 
-from orchestrator.run.failures import DataError
-
 
 def ap_curve(run_dir: Path) -> list[dict]:
     """[{'epoch', 'AP', 'AP50', 'dam_recall'?}] of every eval json under ``run_dir/eval``, by epoch."""
     files = sorted((Path(run_dir) / "eval").glob("epoch_*.json"))
     if not files:
-        raise DataError(f"{run_dir}: no eval/epoch_*.json (did the demo run finish an epoch?)")
+        raise FileNotFoundError(f"{run_dir}: no eval/epoch_*.json (did the demo run finish an epoch?)")
     curve = []
     for file in files:
         record = json.loads(file.read_text())

@@ -69,7 +69,7 @@ def timed_steps(cfg: Config, shards: Path, *, rank: int, world_size: int, warmup
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     batches = load_batches(cfg, shards, rank=rank, world_size=world_size, count=warmup + steps)
-    model, criterion, _ = build(cfg.model, cfg.loss)
+    model, criterion = build(cfg.model, cfg.loss)
     model = wrap(model) if wrap is not None else model
     module = model.module if hasattr(model, "module") else model
     optimizer, _ = make_optimizer(cfg, module, world_size)

@@ -10,8 +10,8 @@ import traceback
 
 import click
 
-from orchestrator.cli import bench, data, export, launch, ops, predict, sweep
-from orchestrator.run.failures import RunInterrupted
+from orchestrator.cli import bench, data, eval, export, launch, ops, predict, sweep, ui
+from orchestrator.run.errors import RunInterrupted
 
 # Exceptions that mean "the user gave us something wrong" -> exit code 2.
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError)
@@ -56,8 +56,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 main.add_command(launch.launch)
-main.add_command(launch.eval_cmd)
-main.add_command(launch.ui)
+main.add_command(eval.eval_cmd)
+main.add_command(ui.ui)
 main.add_command(sweep.sweep)
 main.add_command(data.data)
 main.add_command(bench.bench)

@@ -2,8 +2,6 @@
 
 import click
 
-from orchestrator.config import load_config
-
 
 @click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
@@ -29,21 +27,20 @@ def sweep(config_path: str, cluster: str, overrides: tuple, name: str, resume: b
     Exit status: 0 all trials ended (completed or stopped early), 1 some trial failed,
     130 interrupted (continue with --resume), 2 bad config or search space.
     """
-    from orchestrator.cli.launch import apply_image, check_local_resume
+    from orchestrator.cli.launch import check_local_resume, load_with_image
     from orchestrator.run.directory import default_name
-    from orchestrator.sweep.driver import STATE_FILE, sweep_dir
-    from orchestrator.sweep.driver import sweep as run
+    from orchestrator.sweep.runs import STATE_FILE
+    from orchestrator.sweep.tuner import sweep_dir, sweep_on
 
     if (resume or resume_if_exists) and not name:
         raise click.UsageError("--resume needs the --name of the sweep to continue (so does --resume-if-exists)")
     if resume and resume_if_exists:
         raise click.UsageError("--resume and --resume-if-exists exclude each other")
-    cfg = load_config(config_path, overrides)
-    apply_image(cfg, image, cluster)
+    cfg = load_with_image(config_path, overrides, image, cluster)
     if resume_if_exists:
         check_local_resume(cfg, cluster)
         resume = (sweep_dir(cfg, name) / STATE_FILE).is_file()
-    result = run(cfg, name=name or default_name(config_path), cluster=cluster, resume=resume, dry_run=dry_run,
+    result = sweep_on(cfg, name=name or default_name(config_path), cluster=cluster, resume=resume, dry_run=dry_run,
                  echo=click.echo)
     if isinstance(result, dict):
         if result["interrupted"]:

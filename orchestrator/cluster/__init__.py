@@ -1,2 +1,2 @@
 """Where a run executes: embedded Ray (``local``), the Ray Jobs API (``jobs``), KubeRay (``kuberay/``);
-``launch`` picks one from ``--cluster``. The only place that talks to Kubernetes."""
+``dispatch`` picks one from ``--cluster``. The only place that talks to Kubernetes."""

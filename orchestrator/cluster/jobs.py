@@ -17,12 +17,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.cluster.local import launch_local
+from orchestrator.cluster.local import train_local
 from orchestrator.config import Config, ConfigError, dump_yaml, load_config
 
 CONFIG_ENV = "SDO_CONFIG_YAML"
 JOB_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-TRAINING_ENTRY = "orchestrator.cluster.jobs"  # python -m orchestrator.launch, the old name, still works
+TRAINING_ENTRY = "orchestrator.cluster.jobs"
 
 
 class ClusterUnreachable(ValueError):
@@ -167,7 +167,7 @@ def job_setup(prog: str, argv: list[str] | None):
 def job_main(argv: list[str] | None = None) -> int:
     """Entry point of a Ray Job: config from the runtime env, train on the cluster the job runs in."""
     cfg, args = job_setup(f"python -m {TRAINING_ENTRY}", argv)
-    launch_local(cfg, name=args.name, resume=args.resume)  # cluster.address names the head: it is this one
+    train_local(cfg, name=args.name, resume=args.resume)  # cluster.address names the head: it is this one
     return 0
 
 

@@ -1,6 +1,6 @@
 """The embedded default: Ray on this machine, bound to 127.0.0.1, and a run trained next to it.
 
-A Ray Job's entry point (orchestrator.cluster.jobs) runs the same :func:`launch_local`, attached to
+A Ray Job's entry point (orchestrator.cluster.jobs) runs the same :func:`train_local`, attached to
 the cluster it runs in.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from orchestrator.cluster import reaper as reaper_process
 from orchestrator.config import Config
 from orchestrator.run.directory import local_dir
-from orchestrator.run.failures import sigterm_as_interrupt
+from orchestrator.run.errors import sigterm_as_interrupt
 from orchestrator.train.console import append_log, is_verbose
 
 
@@ -66,13 +66,17 @@ def ray_session(cfg: Config) -> Iterator[None]:
             reaper.wait(timeout=10)
 
 
-def launch_local(cfg: Config, *, name: str, resume: bool, echo: Callable[[str], None] = print) -> dict:
+def train_local(cfg: Config, *, name: str, resume: bool, echo: Callable[[str], None] = print) -> dict:
+    """Preflight (once: bad input costs nothing, Ray has not started yet), then open the run and train it on the
+    embedded Ray or the cluster this process runs in -> the result summary of run_training."""
+    from orchestrator.run.lifecycle import open_run
     from orchestrator.run.preflight import preflight
     from orchestrator.train.driver import run_training
 
-    preflight(cfg, name=name, resume=resume)  # bad input costs nothing: Ray has not started yet
-    with ray_session(cfg):
-        summary = run_training(cfg, name=name, resume=resume, console=True)
+    resolved = preflight(cfg, name=name, resume=resume)
+    with ray_session(resolved):
+        run = open_run(resolved, name=name, resume=resume)
+        summary = run_training(resolved, run, console=True)
     ap = summary["AP"]
     lines = [f"sdo: run {summary['name']} finished: AP={ap:.4f}" if ap is not None else
              f"sdo: run {summary['name']} finished (no evaluation)",

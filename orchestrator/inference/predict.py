@@ -56,11 +56,11 @@ def list_images(inputs: Iterable[str]) -> list[Path]:
 def class_names(cfg, classes_source: str | None = None) -> dict[int, str]:
     """Category id -> name from a shard directory / index (``classes_source``), else from the shards the
     weights were trained on (``data.val_shards`` of their config); ``{}`` when neither can be read."""
-    from pipelines.sources import resolve
+    from pipelines.sources import resolve_shards
 
     for source in ([classes_source] if classes_source else []) + [cfg.data.val_shards, cfg.data.train_shards]:
         try:
-            categories = resolve(source).index.get("categories", [])
+            categories = resolve_shards(source).index.get("categories", [])
         except (OSError, ValueError):
             if source == classes_source:
                 raise

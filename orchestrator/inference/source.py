@@ -22,10 +22,10 @@ def load_detector(model: str, config_path: str | None = None, overrides=(), trac
     The architecture comes from --config when given, else from the config saved with the weights
     (sdo checkpoints and sdo's MLflow Models carry theirs; official files need --config).
     """
-    from orchestrator.run.weights import build_detector, inference_config, load_weights
+    from orchestrator.run.weights import build_detector, inference_config, read_weights
 
     cfg = load_config(config_path, overrides) if config_path else None
-    weights = load_weights(model, tracking_uri or default_tracking_uri(cfg))
+    weights = read_weights(model, tracking_uri or default_tracking_uri(cfg))
     cfg = inference_config(weights, cfg)
     if overrides and config_path is None:
         from orchestrator.config import parse_override, set_value, validate

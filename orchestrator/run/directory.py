@@ -1,8 +1,8 @@
-"""A run's name and directory, and ``sdo_run.json``: the run's identity that a restart or ``--resume`` finds.
+"""A run's name and directory, and the markers that signal into a running training.
 
 A run lives in ``<storage_path>/<name>``, a local folder or a prefix in object storage
-(orchestrator.run.storage: the same calls serve both). Only this module writes ``sdo_run.json``;
-everything else reads it through :func:`read_run_state`.
+(orchestrator.run.storage: the same calls serve both). What the directory holds about the run's
+identity (``sdo_run.json``) is orchestrator.run.identity's.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from orchestrator.config import Config
 from orchestrator.run.storage import RemotePath, location
 
-RUN_STATE_FILE = "sdo_run.json"
 CRASH_MARKER = ".crash_injected"
 STOP_MARKER = ".stop_requested"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -66,18 +65,6 @@ def write_json_atomic(path: Path | RemotePath, value: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(value, f, indent=2)
     os.replace(tmp, path)
-
-
-def read_run_state(run_dir) -> dict | None:
-    """The run's MLflow identity ({'tracking_uri', 'experiment_id', 'mlflow_run_id', ...}) or None."""
-    file = location(run_dir) / RUN_STATE_FILE
-    if not file.is_file():
-        return None
-    return json.loads(file.read_text())
-
-
-def write_run_state(run_dir, state: dict) -> None:
-    write_json_atomic(location(run_dir) / RUN_STATE_FILE, state)
 
 
 def claim_crash(run_dir) -> bool:

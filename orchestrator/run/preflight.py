@@ -1,15 +1,17 @@
 """Every check of a run that needs no Ray, and the resolved config the workers and MLflow see.
 
-Cheap, so launchers call it before starting Ray: bad input costs nothing.
+Cheap, so the launcher calls it once, before starting Ray: bad input costs nothing. The config itself
+was validated when it was loaded (orchestrator.config.load_config); nothing here validates it again.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from orchestrator.config import Config, ConfigError, validate
+from orchestrator.config import Config, ConfigError
 from orchestrator.run import tracking
-from orchestrator.run.directory import RunExistsError, read_run_state, run_dir
+from orchestrator.run.directory import RunExistsError, run_dir
+from orchestrator.run.identity import read_identity
 from orchestrator.run.storage import location
 
 
@@ -20,8 +22,9 @@ def _absolute_source(value: str) -> str:
     return str(Path(value).expanduser().resolve())
 
 
-def resolve(cfg: Config, storage_path: str | None = None) -> Config:
-    """A copy of ``cfg`` with absolute storage and data paths (what the workers and MLflow see)."""
+def with_absolute_paths(cfg: Config, storage_path: str | None = None) -> Config:
+    """A copy of ``cfg`` with absolute storage and data paths (what the workers and MLflow see); ``storage_path``
+    replaces ``train.storage_path``."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train), data=dataclasses.replace(cfg.data),
                               tracking=dataclasses.replace(cfg.tracking), model=dataclasses.replace(cfg.model))
     try:
@@ -32,21 +35,20 @@ def resolve(cfg: Config, storage_path: str | None = None) -> Config:
     cfg.data.val_shards = _absolute_source(cfg.data.val_shards)
     if cfg.model.init_from and not cfg.model.init_from.startswith(("runs:/", "models:/")):
         cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
-    validate(cfg)
     return cfg
 
 
-def _check_shards(cfg: Config) -> None:
+def check_shards(cfg: Config) -> None:
     """Fail before starting Ray when a shard source does not resolve (the loader's own resolution:
     folder, index.json path or URL, single .tar, brace pattern) or holds category ids that
     ``model.num_classes`` cannot represent (they would fail only inside the loss, on the workers)."""
     from pipelines.errors import DataError
-    from pipelines.sources import max_category_id, resolve
+    from pipelines.sources import max_category_id, resolve_shards
 
     for key in ("train_shards", "val_shards"):
         source = getattr(cfg.data, key)
         try:
-            shard_set = resolve(source)
+            shard_set = resolve_shards(source)
         except (DataError, OSError) as err:
             raise ConfigError(f"data.{key}={source!r}: {err}") from None
         if not shard_set.shards:
@@ -63,16 +65,16 @@ def preflight(cfg: Config, *, name: str, resume: bool = False, storage_path: str
 
     It writes nothing but the embedded store's directory.
     """
-    cfg = resolve(cfg, storage_path)
+    cfg = with_absolute_paths(cfg, storage_path)
     uri = tracking.tracking_uri(cfg)  # first: it refuses object storage without a tracking server, offline
     directory = run_dir(cfg, name)
-    if resume and read_run_state(directory) is None:
+    if resume and read_identity(directory) is None:
         raise FileNotFoundError(f"--resume: no run named {name!r} in {cfg.train.storage_path}")
     if directory.exists() and not resume:
         raise RunExistsError(f"run {name!r} already exists in {directory.parent}; pass --resume to continue it "
                              "or choose another --name")
     tracking.check_reachable(uri)
-    _check_shards(cfg)
+    check_shards(cfg)
     if cfg.model.init_from and not cfg.model.init_from.startswith(("runs:/", "models:/")) \
             and not Path(cfg.model.init_from).exists():
         raise FileNotFoundError(f"model.init_from={cfg.model.init_from!r}: no such checkpoint file")

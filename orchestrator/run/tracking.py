@@ -227,9 +227,9 @@ def shard_dataset(source: str, split: str):
 
     from mlflow.entities import Dataset
 
-    from pipelines.sources import resolve
+    from pipelines.sources import resolve_shards
 
-    shard_set = resolve(source)
+    shard_set = resolve_shards(source)
     index = shard_set.index
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode()).hexdigest()[:16]
     profile = {"num_samples": shard_set.num_samples, "num_shards": len(shard_set.shards),

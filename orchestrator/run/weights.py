@@ -33,7 +33,7 @@ def is_mlflow_uri(spec: str) -> bool:
     return str(spec).startswith(MLFLOW_SCHEMES)
 
 
-def load_weights(spec: str, tracking_uri: str | None = None) -> Weights:
+def read_weights(spec: str, tracking_uri: str | None = None) -> Weights:
     """Read the weights named by ``spec`` (see the module doc) -> Weights."""
     spec = str(spec)
     if is_mlflow_uri(spec):

@@ -1,6 +1,6 @@
 """Ray Job entry point of a whole sweep: ``python -m orchestrator.sweep --name N [--resume]``."""
 import sys
 
-from orchestrator.sweep.driver import job_main
+from orchestrator.sweep.tuner import job_main
 
 sys.exit(job_main())

@@ -192,6 +192,23 @@ def budget(cfg: Config) -> int:
     return cfg.sweep.max_epochs or cfg.train.epochs
 
 
-def describe(axes: list[Axis]) -> dict[str, str]:
+def describe_space(axes: list[Axis]) -> dict[str, str]:
     """Key -> 'grid [0.1, 0.2]' style text (MLflow params of the parent run)."""
     return {a.key: f"{a.kind} {list(a.values)}" for a in axes}
+
+
+def make_search(cfg: Config):
+    """Tune's grid/random variant generator, or OptunaSearch; both seeded by ``train.seed`` so that the
+    same sweep config samples the same trials (an interrupted sweep can be compared with a whole one)."""
+    if cfg.sweep.search != "optuna":
+        from ray.tune.search import BasicVariantGenerator
+
+        # the concurrency limit goes into the generator: Tune ignores max_concurrent_trials beside one
+        return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=cfg.sweep.max_concurrent)
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("sweep.search=optuna: optuna is not installed (pip install 'sdo[optuna]')") from None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=cfg.train.seed)

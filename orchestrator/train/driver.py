@@ -1,56 +1,54 @@
-"""The driver side of one Ray Train run: config -> TorchTrainer -> fit -> best checkpoint, plots, status.
+"""The driver side of one Ray Train run: an opened run -> TorchTrainer -> fit -> best checkpoint, plots, status.
 
 A run lives in ``<storage_path>/<name>`` (orchestrator.run): Ray Train's checkpoints, ``sdo_run.json``
-(the MLflow run id, so a restart or ``--resume`` continues the same run), eval json and plots. The
-MLflow run is opened by the driver before any worker starts; workers only attach to it.
+(its RunIdentity, so a restart or ``--resume`` continues the same MLflow run), eval json and plots.
+The run is preflighted and its MLflow run opened (orchestrator.run.lifecycle) before any worker
+starts; workers only attach to it.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 
 import ray.train
 from ray.train.torch import TorchConfig
 
 from orchestrator.config import Config, to_dict
-from orchestrator.run import checkpoints, tracking
 from orchestrator.run.directory import clear_stop, local_dir, stop_requested
-from orchestrator.run.failures import RunInterrupted
-from orchestrator.run.lifecycle import start
-from orchestrator.run.storage import RemotePath, location, ray_storage
+from orchestrator.run.errors import RunInterrupted
+from orchestrator.run.identity import RunIdentity
+from orchestrator.run.storage import ray_storage
+from orchestrator.run.tracking import set_status
+from orchestrator.train.checkpointer import Checkpointer
 from orchestrator.train.console import Console
-from orchestrator.train.evaluation import AP_KEYS
-from orchestrator.train.faults import SdoTorchTrainer, worker_error
+from orchestrator.train.evaluation import EVAL_KEYS
+from orchestrator.train.fault_tolerance import SdoTorchTrainer, worker_error
 from orchestrator.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 
-def make_trainer(cfg: Config, run: dict, *, extra_callbacks: Iterable = (), progress=None) -> SdoTorchTrainer:
-    """A TorchTrainer for the resolved ``cfg`` of the opened ``run`` (orchestrator.run.lifecycle.start).
+def make_trainer(cfg: Config, run: RunIdentity, *, extra_callbacks: Iterable = (), progress=None) -> SdoTorchTrainer:
+    """A TorchTrainer for the resolved ``cfg`` of the opened ``run``.
 
     Ray Train restores from ``<storage_path>/<name>`` by itself when that run has checkpoints, so
     a resumed trainer starts from the latest one. ``progress``: the console's queue, fed by rank 0.
     """
-    name = run["name"]
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)
+    storage_path, storage_filesystem = ray_storage(run.storage)
     return SdoTorchTrainer(
         train_loop_per_worker,
-        run_dir=run["run_dir"],
+        run_dir=run.directory,
         train_loop_config={"cfg": to_dict(cfg), "run": run, "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name,
+            name=run.name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoints.ray_num_to_keep(t.keep_checkpoints),
-                                                         checkpoint_score_attribute="AP",
-                                                         checkpoint_score_order="max"),
+            checkpoint_config=Checkpointer(cfg.checkpoint, run.directory).ray_config(),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=list(extra_callbacks),
         ),
@@ -58,99 +56,91 @@ def make_trainer(cfg: Config, run: dict, *, extra_callbacks: Iterable = (), prog
     )
 
 
-def finalize(cfg: Config, run: dict, result) -> dict:
+def finalize(cfg: Config, run: RunIdentity, result) -> dict:
     """After fit: point ``<run dir>/best`` at the best checkpoint, log its weights as the MLflow Model and the
-    plots, close the run."""
+    plots, close the run -> the result summary."""
     from orchestrator.train import plots
 
-    uri = run["tracking_uri"]
-    logger = tracking.RunLogger(uri, run["mlflow_run_id"], grouped=True)
-    directory = location(run["run_dir"])
+    logger = run.logger(grouped=True)
     best = result.get_best_checkpoint("AP", "max") if result.best_checkpoints else None
     best_path, mlflow_model = None, {}
     if best is not None:
-        if isinstance(directory, RemotePath):  # in object storage the best checkpoint is named where it lies
-            best_path = directory / Path(best.path).name
-        else:
-            best_path = checkpoints.point_best(directory, best.path)
-        mlflow_model = log_best_model(uri, run["mlflow_run_id"], best_path, cfg.tracking.register_as)
+        best_path = Checkpointer(cfg.checkpoint, run.directory).link_best(best.path)
+        mlflow_model = log_best_model(run, best_path, cfg.tracking.register_as)
     history = logger.history(sorted(set(logger.metric_keys())))
     if history:
-        drawn = local_dir(directory) / "plots"
+        drawn = local_dir(run.directory) / "plots"
         plots.loss_curves(history, drawn / "loss_curves.png")
         plots.ap_per_epoch(history, [], drawn / "ap_per_epoch.png")  # val/* is stepped by epoch
         logger.artifact(drawn / "loss_curves.png", "plots")
         logger.artifact(drawn / "ap_per_epoch.png", "plots")
-    tracking.set_status(uri, run["mlflow_run_id"], "FINISHED")
+    set_status(run.tracking_uri, run.run_id, "FINISHED")
     metrics = dict(result.metrics or {})
     return {
-        "name": run["name"],
-        "run_dir": str(directory),
+        "name": run.name,
+        "run": run,
+        "run_dir": run.directory,
         "metrics": metrics,
         "AP": metrics.get("AP"),
-        "eval": {k: metrics[k] for k in (*AP_KEYS, "dam_recall") if k in metrics},
+        "eval": {k: metrics[k] for k in EVAL_KEYS if k in metrics},
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": str(best_path) if best_path else None,
-        "mlflow_run_id": run["mlflow_run_id"],
-        "experiment_id": run["experiment_id"],
-        "tracking_uri": uri,
-        "run_url": run["run_url"],
+        "mlflow_run_id": run.run_id,
+        "run_url": run.url,
         "model_uri": mlflow_model.get("model_uri"),
         "registered_model_version": mlflow_model.get("version"),
     }
 
 
-def log_best_model(uri: str, run_id: str, best_path: Path, register_as: str | None) -> dict:
+def log_best_model(run: RunIdentity, best_path, register_as: str | None) -> dict:
     """The best checkpoint's weights as the run's MLflow Model (registered as ``register_as`` when set)."""
     from orchestrator.run import checkpoints
     from orchestrator.run.mlflow_model import log_detector_model
 
     state = checkpoints.load(best_path, map_location="cpu")
-    return log_detector_model(uri, run_id, state["model"], state["config"], register_as=register_as)
+    return log_detector_model(run.tracking_uri, run.run_id, state["model"], state["config"], register_as=register_as)
 
 
-def run_training(cfg: Config, *, name: str, resume: bool = False, storage_path: str | None = None,
-                 extra_callbacks: Iterable = (), mlflow_parent_run_id: str | None = None,
-                 command: str = "launch", console: bool = False) -> dict:
-    """Train to the end (restarting from checkpoints on infrastructure failures) -> result summary.
+def run_training(cfg: Config, run: RunIdentity, *, extra_callbacks: Iterable = (), command: str = "launch",
+                 console: bool = False) -> dict:
+    """Train the opened ``run`` (orchestrator.run.lifecycle.open_run) of the preflighted ``cfg`` to the end,
+    restarting from checkpoints on infrastructure failures -> result summary.
 
     Ray must be initialised (see ``orchestrator.cluster.local.ray_session``). The summary holds 'AP',
-    'metrics' (last report), 'checkpoint', 'best_checkpoint', 'mlflow_run_id', 'run_url'. The MLflow
+    'metrics' (last report), 'checkpoint', 'best_checkpoint', 'mlflow_run_id', 'run_url', 'run'. The MLflow
     run is marked FINISHED after the best checkpoint and the plots are logged; FAILED on an error, which
     is re-raised as the worker's own error when a worker failed (so its type says bad input or not);
     KILLED on Ctrl-C, which raises RunInterrupted once the run has stopped at a checkpoint.
     ``console``: show progress and epoch lines on stdout and keep all output in ``<run dir>/log.txt``.
     """
-    resolved, run = start(cfg, name=name, resume=resume, storage_path=storage_path, parent_run_id=mlflow_parent_run_id)
-    run_dir = location(run["run_dir"])
     with contextlib.ExitStack() as stack:
-        shown = stack.enter_context(Console(local_dir(run_dir))) if console else None
+        shown = stack.enter_context(Console(local_dir(run.directory))) if console else None
         if shown is not None:
-            shown.echo(f"sdo: run {name} in {run_dir}")
-            shown.echo(f"sdo: MLflow run: {run['run_url']}")
-        log_model_size(resolved, run)
-        trainer = make_trainer(resolved, run, extra_callbacks=extra_callbacks,
+            shown.echo(f"sdo: run {run.name} in {run.directory}")
+            shown.echo(f"sdo: MLflow run: {run.url}")
+        log_model_size(cfg, run)
+        trainer = make_trainer(cfg, run, extra_callbacks=extra_callbacks,
                                progress=shown.queue if shown is not None else None)
-        return _fit(trainer, resolved, run, name=name, command=command)
+        return _fit(trainer, cfg, run, command=command)
 
 
 FLOPS_MIN_SIDE = 128  # below it the extra feature level is 1x1 and GroupNorm refuses it
 
 
-def log_model_size(cfg: Config, run: dict) -> None:
+def log_model_size(cfg: Config, run: RunIdentity) -> None:
     """``model/GFLOPs`` (one square image at the eval size ``data.val_scale``, at least FLOPS_MIN_SIDE;
     tag ``sdo.flops_size``) and ``model/params_M`` of a new run."""
     import dataclasses
 
-    logger = tracking.RunLogger(run["tracking_uri"], run["mlflow_run_id"])
+    logger = run.logger()
     if "model/GFLOPs" in logger.metric_keys():
         return
-    from model import build
+    from model.build import build_model
     from model.flops import count_flops
 
     model_cfg = dataclasses.replace(cfg.model, checkpoint=None, init_from=None,
                                     backbone=dataclasses.replace(cfg.model.backbone, weights=None))
-    network, _, _ = build(model_cfg, cfg.loss)
+    network = build_model(model_cfg)
     side = max(cfg.data.val_scale, FLOPS_MIN_SIDE)
     try:
         gflops = float(count_flops(network.eval(), side, side)["total_gflops"])
@@ -162,23 +152,23 @@ def log_model_size(cfg: Config, run: dict) -> None:
     logger.tags({"sdo.flops_size": f"{side}x{side}"})
 
 
-def _fit(trainer, resolved: Config, run: dict, *, name: str, command: str) -> dict:
-    run_dir = location(run["run_dir"])
+def _fit(trainer, cfg: Config, run: RunIdentity, *, command: str) -> dict:
+    run_dir = run.location()
     try:
         result = trainer.fit()
     except BaseException as err:
-        checkpoints.remove_unregistered(run_dir)
+        Checkpointer(cfg.checkpoint, run_dir).remove_unregistered()
         if trainer.interrupts or isinstance(err, KeyboardInterrupt):
             clear_stop(run_dir)
-            tracking.set_status(run["tracking_uri"], run["mlflow_run_id"], "KILLED")
-            raise RunInterrupted(name, command) from None
-        tracking.set_status(run["tracking_uri"], run["mlflow_run_id"], "FAILED")
+            set_status(run.tracking_uri, run.run_id, "KILLED")
+            raise RunInterrupted(run.name, command) from None
+        set_status(run.tracking_uri, run.run_id, "FAILED")
         cause = worker_error(err)
         if cause is err:
             raise
         raise cause from err
     if stop_requested(run_dir):
         clear_stop(run_dir)
-        tracking.set_status(run["tracking_uri"], run["mlflow_run_id"], "KILLED")
-        raise RunInterrupted(name, command)
-    return finalize(resolved, run, result)
+        set_status(run.tracking_uri, run.run_id, "KILLED")
+        raise RunInterrupted(run.name, command)
+    return finalize(cfg, run, result)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+EVAL_KEYS = (*AP_KEYS, "dam_recall")  # what an evaluation measures (val/* in MLflow, stepped by epoch)
 
 
 def to_device(images: torch.Tensor, mask: torch.Tensor, targets: list[dict], device: torch.device):
@@ -127,10 +128,10 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, max_batches: int | None = None,
     `inference_module` (None = when the validation set is large enough to pay for it)."""
     from model.postprocess import PostProcess
     from orchestrator.run.tracking import tracking_uri
-    from orchestrator.run.weights import build_detector, load_weights
+    from orchestrator.run.weights import build_detector, read_weights
     from pipelines.loader import make_loader
 
-    model = build_detector(cfg, load_weights(checkpoint, tracking_uri(cfg)))
+    model = build_detector(cfg, read_weights(checkpoint, tracking_uri(cfg)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     d = cfg.data

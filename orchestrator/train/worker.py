@@ -1,33 +1,29 @@
-"""The Ray Train worker function: one process per worker, DDP over gloo (CPU) or nccl (GPU).
+"""The training worker: one process per worker, DDP over gloo (CPU) or nccl (GPU).
 
 Every worker builds the model, reads its share of the shards, trains, and takes part in evaluation;
-rank 0 alone writes checkpoints and talks to MLflow. Checkpoints are taken every
-``train.checkpoint_every`` steps and at every epoch end. A restarted worker group finds the latest
-checkpoint through ``ray.train.get_checkpoint()`` (falling back to the newest readable one when the
-latest is damaged) and continues from the exact step after it: the loader replays the epoch's
-deterministic order and skips the batches the checkpoint had consumed. Rank 0 logs into the same
-MLflow run (its id travels in ``config['run']``), each (metric, step) once whatever was restarted.
-A stop request (the driver's Ctrl-C) ends the run at the next logged or checkpoint step, with a checkpoint.
+rank 0 alone writes checkpoints and talks to MLflow. The worker runs in a session
+(orchestrator.train.session): a Ray Train worker group (`sdo launch`, `sdo sweep`; entry point
+:func:`train_loop_per_worker`) or one process without Ray (:func:`train_without_ray`). Its
+checkpoints are the Checkpointer's (orchestrator.train.checkpointer): a restarted worker group
+continues from the exact step after the latest one: the loader replays the epoch's deterministic
+order and skips the batches the checkpoint had consumed. Rank 0 logs into the run's MLflow run (its RunIdentity travels
+with the config), each (metric, step) once whatever was restarted. A stop request (the driver's
+Ctrl-C) ends the run at the next logged or checkpoint step, with a checkpoint.
 """
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
-from pathlib import Path
 
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
 from orchestrator.config import Config, from_dict, to_dict
-from orchestrator.run import checkpoints
 from orchestrator.run.directory import claim_crash, local_dir, stop_requested
-from orchestrator.run.failures import CheckpointError
-from orchestrator.run.storage import RemotePath, location
+from orchestrator.run.identity import RunIdentity
 from orchestrator.train import evaluation
+from orchestrator.train.checkpointer import Checkpointer
 from orchestrator.train.step import (
     all_reduce_mean,
     all_reduce_sum,
@@ -40,32 +36,28 @@ from orchestrator.train.step import (
 
 log = logging.getLogger(__name__)
 
-AP_KEYS = evaluation.AP_KEYS
-EVAL_KEYS = (*AP_KEYS, "dam_recall")  # val/*, stepped by epoch
 SYSTEM_METRICS_INTERVAL = 5.0  # seconds between system-metric points (each also asks MLflow the run's status)
 
 
 class Trainer:
     """State of one worker's training: model, optimiser, loaders, counters."""
 
-    def __init__(self, cfg: Config, run: dict, progress=None):
-        """``progress``: the driver console's queue (orchestrator.train.console), fed by rank 0; None: silent."""
+    def __init__(self, cfg: Config, run: RunIdentity, session, progress=None):
+        """``session``: RaySession or LocalSession; ``progress``: the driver console's queue
+        (orchestrator.train.console), fed by rank 0; None: silent."""
         from model import build
         from model.postprocess import PostProcess
         from pipelines.loader import make_loader
 
-        self.cfg, self.run = cfg, run
-        self.run_dir = location(run["run_dir"])  # a local folder or object storage
+        self.cfg, self.run, self.session = cfg, run, session
+        self.run_dir = run.location()  # a local folder or object storage
         self.local_dir = local_dir(self.run_dir)  # where pictures are drawn before MLflow takes them
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.rank, self.world_size, self.device = session.rank, session.world_size, session.device
         torch.manual_seed(cfg.train.seed)
 
-        model, self.criterion, _ = build(cfg.model, cfg.loss)
+        model, self.criterion = build(cfg.model, cfg.loss)
         self.postprocess = PostProcess(cfg.eval.max_dets)
-        # every parameter gets a gradient in every configuration (checked by tests), so DDP need not search
-        self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+        self.model = session.prepare_model(model)
         self.module = self.model.module if hasattr(self.model, "module") else self.model
         if cfg.train.compile:  # the training forward only; evaluation, checkpoints and pictures use self.module
             self.model = torch.compile(self.model)
@@ -96,20 +88,19 @@ class Trainer:
         self.last_report: dict[str, float] = {}
         self.best: tuple[float, int] | None = None  # (AP, epoch) of the best evaluation so far
         self.stopping = False
-        self.attempt = 0  # rank 0: which start of the worker group this is (names its checkpoints)
-        self.logger = None
-        if self.rank == 0:
-            from orchestrator.run.tracking import RunLogger
-
-            self.logger = RunLogger(run["tracking_uri"], run["mlflow_run_id"], exactly_once=True, grouped=True)
-            self.attempt = self.logger.count_start()
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, session)
+        self.logger = run.logger(exactly_once=True, grouped=True) if self.rank == 0 else None
+        if self.logger is not None:
+            self.checkpointer.attempt = self.logger.count_start()
         self.progress = None
         if self.rank == 0 and progress is not None:
             from orchestrator.train.console import ProgressSender
 
             self.progress = ProgressSender(progress, epochs=cfg.train.epochs, steps_per_epoch=self.steps_per_epoch,
                                            world_size=self.world_size, log_every=cfg.train.log_every)
-        self.system_metrics = start_system_metrics(run, context) if cfg.tracking.system_metrics else None
+        self.system_metrics = None
+        if cfg.tracking.system_metrics and run.tracked and session.local_rank == 0:
+            self.system_metrics = start_system_metrics(run, node=f"node_{session.node_rank}")
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # a rank failing in _restore must not stop rank 0 before this start is counted
         self._restore()
@@ -117,38 +108,31 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def _restore(self) -> None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        restored = self.checkpointer.restore(self.module, self.optimizer, self.scheduler)
+        if restored is None:
             if self.cfg.model.init_from:
                 self._init_from(self.cfg.model.init_from)
             return
-        if isinstance(self.run_dir, RemotePath):  # read it where it is: the fallback lists its siblings there
-            state, path, unreadable = newest_readable(self.run_dir / Path(checkpoint.path).name)
-        else:
-            with checkpoint.as_directory() as directory:
-                state, path, unreadable = newest_readable(Path(directory))
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        epoch = int(state["epoch"])
-        if state.get("epoch_done", True):  # checkpoints of sdo < 0.2 were all taken at epoch ends
+        progress, path = restored.progress, restored.path
+        self.step = int(progress["step"])
+        epoch = int(progress["epoch"])
+        if progress["epoch_done"]:
             self.start_epoch = epoch + 1
         else:
             self.start_epoch = epoch
-            self.resume_epoch_state = dict(state["epoch_state"])
-        self.last_eval = dict(state.get("last_eval", {}))
-        self.last_report = dict(state.get("last_report", {}))
-        if not restore_rng_state(state.get("rng", []), self.rank, self.world_size):
+            self.resume_epoch_state = dict(progress["epoch_state"])
+        self.last_eval = dict(progress["last_eval"])
+        self.last_report = dict(progress["last_report"])
+        if not restore_rng_state(progress["rng"], self.rank, self.world_size):
             log.info("rank %d: no RNG state for %d ranks in %s; dropout draws anew", self.rank, self.world_size, path)
-        self.best = tuple(state["best"]) if state.get("best") else None
+        self.best = tuple(progress["best"]) if progress["best"] else None
         log.info("rank %d resumed from %s (epoch %d, step %d)", self.rank, path, epoch, self.step)
         if self.logger is not None:
             tags = {"sdo.resumed_from_epoch": epoch, "sdo.resumed_from_step": self.step,
                     "sdo.resumed_from": str(path)}
-            if unreadable:
-                tags["sdo.unreadable_checkpoints"] = "; ".join(unreadable)
-                for line in unreadable:
+            if restored.unreadable:
+                tags["sdo.unreadable_checkpoints"] = "; ".join(restored.unreadable)
+                for line in restored.unreadable:
                     print(f"sdo: unreadable checkpoint {line}; resumed from {path}", flush=True)
             self.logger.tags(tags)
             self.logger.metrics({"resumed_from_epoch": epoch}, step=self.step)
@@ -156,9 +140,9 @@ class Trainer:
     def _init_from(self, spec: str) -> None:
         """``model.init_from``: start a new run from other weights; class heads of another size start afresh."""
         from model.checkpoint import load_for_finetuning
-        from orchestrator.run.weights import load_weights
+        from orchestrator.run.weights import read_weights
 
-        weights = load_weights(spec, self.run["tracking_uri"])
+        weights = read_weights(spec, self.run.tracking_uri)
         reinitialised = load_for_finetuning(self.module, weights.state, weights.source)
         log.info("rank %d initialised from %s; re-initialised %d keys: %s", self.rank, spec, len(reinitialised),
                  ", ".join(reinitialised) or "none")
@@ -166,25 +150,6 @@ class Trainer:
             listed = ", ".join(reinitialised) or "none"
             self.logger.tags({"sdo.init_from": spec, "sdo.reinitialised_keys":
                               listed if len(listed) <= 5000 else listed[:4997] + "..."})
-
-    def _state(self, epoch: int, epoch_state: dict | None, rng: list[dict]) -> dict:
-        """``epoch_state`` None: ``epoch`` is complete; else the running sums of the epoch in progress.
-        ``rng``: every rank's RNG state (gather_rng_states)."""
-        return {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": epoch,
-            "epoch_done": epoch_state is None,
-            "epoch_state": dict(epoch_state or {}),
-            "step": self.step,
-            "config": to_dict(self.cfg),
-            "mlflow_run_id": self.run["mlflow_run_id"],
-            "last_eval": dict(self.last_eval),
-            "last_report": dict(self.last_report),
-            "rng": rng,
-            "best": self.best,
-        }
 
     # ---------------------------------------------------------------- one epoch
 
@@ -196,7 +161,7 @@ class Trainer:
         if claim_crash(self.run_dir):
             # die only once the last report is registered, so the restart provably resumes from it
             # (the controller collects reports asynchronously; a faster death would race with it)
-            ray.train.get_all_reported_checkpoints()
+            self.session.wait_for_reports()
             print(f"sdo: fault injection: rank {self.rank} exits at step {self.step}", flush=True)
             os._exit(1)
 
@@ -210,7 +175,6 @@ class Trainer:
         sums: dict[str, float] = dict(resumed.get("sums", {}))
         steps_done, images_seen = int(resumed.get("steps", 0)), int(resumed.get("images", 0))
         elapsed_before, started = float(resumed.get("seconds", 0.0)), time.perf_counter()
-        every = self.cfg.train.checkpoint_every
         batches = iter(self.train_loader)
         for _ in range(steps_done):  # the same deterministic order as before the restart: skip what was trained
             next(batches)
@@ -237,7 +201,7 @@ class Trainer:
                 step_metrics = all_reduce_mean(values, self.device)
                 if self.logger is not None:
                     self.logger.metrics({**step_metrics, "lr": self.optimizer.param_groups[0]["lr"]}, step=self.step)
-            due = bool(every) and self.step % every == 0
+            due = self.checkpointer.due(self.step)
             # asking every step would add a collective (a host sync on GPU) to each step: ask where one is anyway
             self.stopping = (logged or due) and self._stop_requested()
             if steps_done < self.steps_per_epoch and (self.stopping or due):
@@ -284,9 +248,10 @@ class Trainer:
                 metrics["dam_recall"] = recall_sum / recall_count
             path = evaluation.write_eval_json(self.run_dir / "eval" / f"epoch_{epoch:04d}.json", metrics,
                                               epoch=epoch, num_predictions=len(gathered))
-            self.logger.artifact(path, "eval")
-            for folder in sorted({picture.parent for picture in diagnostics.pictures}):
-                self.logger.artifact(folder, folder.relative_to(self.local_dir).as_posix())
+            if self.logger is not None:
+                self.logger.artifact(path, "eval")
+                for folder in sorted({picture.parent for picture in diagnostics.pictures}):
+                    self.logger.artifact(folder, folder.relative_to(self.local_dir).as_posix())
         return evaluation.broadcast(metrics)
 
     def check_data(self, split: str, loader) -> None:
@@ -309,7 +274,7 @@ class Trainer:
         if self.start_epoch >= epochs and self.last_report:
             # restored after the last epoch (a resumed sweep trial, a re-run of a finished run): nothing to
             # train, but whoever waits for this run's results (Tune) must still get its final report
-            ray.train.report(self.last_report, checkpoint=None)
+            self.session.report(self.last_report)
             return
         for epoch in range(self.start_epoch, epochs):
             epoch_started = time.perf_counter()
@@ -335,7 +300,7 @@ class Trainer:
                                      **{f"epoch_{k}": v for k, v in metrics.items() if k.startswith("loss")}},
                                     step=self.step)
                 if evaluated:  # val/* is stepped by epoch (1, 2, ...): its charts read per epoch
-                    self.logger.metrics({k: v for k, v in metrics.items() if k in EVAL_KEYS}, step=epoch + 1)
+                    self.logger.metrics({k: v for k, v in metrics.items() if k in evaluation.EVAL_KEYS}, step=epoch + 1)
             if self.progress is not None:
                 self.progress.epoch(epoch=epoch, loss=metrics.get("loss", 0.0),
                                     ap=self.last_eval.get("AP") if evaluated else None, best=self.best,
@@ -345,48 +310,49 @@ class Trainer:
                 return
 
     def _checkpoint(self, epoch: int, *, epoch_state: dict | None, metrics: dict, last: bool = False) -> None:
-        """Report to Ray Train with a checkpoint of this step (every rank calls it: report is collective).
+        """Report this step with a checkpoint (every rank calls it: reporting is collective).
 
         ``epochs_done`` is sdo's own epoch counter (Tune's time attribute); ``epoch_end`` tells epoch-end
         reports from mid-epoch ones, which carry no new metrics. ``AP`` is the checkpoint's score.
+        ``epoch_state`` None: ``epoch`` is complete; else the running sums of the epoch in progress.
         """
         report = {**metrics, "epoch": epoch, "step": self.step, "epochs_done": epoch + (epoch_state is None),
                   "epoch_end": epoch_state is None}
         report.setdefault("AP", self.last_eval.get("AP", 0.0))
         if epoch_state is None:
             self.last_report = dict(report)
-        rng = gather_rng_states()
-        if self.rank != 0:
-            ray.train.report(report, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory(prefix="sdo-ckpt-") as directory:
-            checkpoints.save(directory, self._state(epoch, epoch_state, rng))
-            if last and self.cfg.tracking.log_checkpoints:
-                self.logger.artifact(directory, "checkpoints/final")
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=checkpoints.dir_name(self.step, self.attempt))
-
-
-def newest_readable(latest) -> tuple[dict, Path | RemotePath, list[str]]:
-    """The state of ``latest``, or of the newest older checkpoint beside it that loads when ``latest`` is
-    damaged -> (state, its directory, ['<path> (<why>)' for each unreadable one tried first]).
-
-    Raises CheckpointError naming every file when none loads.
-    """
-    unreadable = []
-    for candidate in [latest, *checkpoints.older_than(latest)]:
-        try:
-            return checkpoints.load(candidate, map_location="cpu"), candidate, unreadable
-        except (CheckpointError, FileNotFoundError) as err:
-            unreadable.append(str(err))
-    raise CheckpointError("no readable checkpoint to resume from: " + "; ".join(unreadable))
+        progress = {"epoch": epoch, "epoch_done": epoch_state is None, "epoch_state": dict(epoch_state or {}),
+                    "step": self.step, "last_eval": dict(self.last_eval), "last_report": dict(self.last_report),
+                    "rng": gather_rng_states(), "best": self.best}
+        state = None
+        if self.rank == 0:
+            state = self.checkpointer.state(self.module, self.optimizer, self.scheduler, progress,
+                                            config=to_dict(self.cfg), run_id=self.run.run_id)
+        self.checkpointer.save(state, report, final=last, logger=self.logger)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. ``config``: {'cfg': to_dict(Config), 'run': {'run_dir', 'tracking_uri',
-    'mlflow_run_id', 'name'}}."""
-    cfg = from_dict(config["cfg"])
-    trainer = Trainer(cfg, config["run"], progress=config.get("progress"))
+    """Ray Train entry point. ``config``: {'cfg': to_dict(Config), 'run': RunIdentity, 'progress': queue | None}."""
+    from orchestrator.train.session import RaySession
+
+    run_worker(from_dict(config["cfg"]), config["run"], RaySession(), progress=config.get("progress"))
+
+
+def train_without_ray(cfg: Config, run: RunIdentity, *, device=None) -> list[dict]:
+    """Train ``cfg`` in this process without Ray (orchestrator.train.session.LocalSession: one GPU or the CPU,
+    or one rank of a process group the caller initialised) into ``run``'s local directory -> every report, in
+    order. Checkpoints, resume (from the newest checkpoint there) and evaluation are those of a Ray Train run;
+    an untracked ``run`` (no MLflow run id) logs nothing to MLflow."""
+    from orchestrator.train.session import LocalSession
+
+    run.location().mkdir(parents=True, exist_ok=True)
+    session = LocalSession(run.directory, device=device)
+    run_worker(cfg, run, session)
+    return session.reports
+
+
+def run_worker(cfg: Config, run: RunIdentity, session, progress=None) -> None:
+    trainer = Trainer(cfg, run, session, progress=progress)
     try:
         trainer.fit()
     finally:
@@ -394,15 +360,12 @@ def train_loop_per_worker(config: dict) -> None:
             stop_system_metrics(trainer.system_metrics)
 
 
-def start_system_metrics(run: dict, context):
+def start_system_metrics(run: RunIdentity, node: str):
     """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) of this node, logged by its
-    local rank 0 as ``system/<node>/...`` -> the monitor, or None on the other ranks."""
-    if context.get_local_rank() != 0:
-        return None
+    local rank 0 as ``system/<node>/...`` -> the monitor."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    node = f"node_{context.get_node_rank()}"
-    monitor = SystemMetricsMonitor(run["mlflow_run_id"], node_id=node, tracking_uri=run["tracking_uri"],
+    monitor = SystemMetricsMonitor(run.run_id, node_id=node, tracking_uri=run.tracking_uri,
                                    sampling_interval=SYSTEM_METRICS_INTERVAL, resume_logging=True)
     monitor.start()
     return monitor

@@ -12,7 +12,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from orchestrator.cluster.kuberay.launcher import launch_on_kubernetes
+from orchestrator.cluster.kuberay.rayjob import submit_rayjob
 from orchestrator.cluster.kuberay.rbac import PERMISSIONS, role_rules
 from orchestrator.cluster.kuberay.schema import model_schema
 from orchestrator.config import load_config
@@ -97,6 +97,6 @@ def test_dry_run_states_the_permissions_of_the_role(tmp_path, monkeypatch):
     (tmp_path / "k8s.yaml").write_text(yaml.safe_dump(spec))
     out = io.StringIO()
     cfg = load_config(None, ["train.use_gpu=true", "train.num_workers=2"])
-    assert launch_on_kubernetes(cfg, tmp_path / "k8s.yaml", name="perm", dry_run=True, out=out) == 0
+    assert submit_rayjob(cfg, tmp_path / "k8s.yaml", name="perm", dry_run=True, out=out) == 0
     assert "# permissions needed in namespace sdo" in out.getvalue()
     assert parse_stated(out.getvalue()) == role["rules"]

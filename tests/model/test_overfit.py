@@ -12,6 +12,7 @@ from PIL import Image
 
 from model.build import build
 from model.optim import param_groups
+from model.postprocess import PostProcess
 from orchestrator.config import BackboneConfig, LossConfig, ModelConfig
 from pipelines.coco_eval import evaluate, to_coco_predictions
 from pipelines.synth import generate
@@ -56,7 +57,8 @@ def test_small_sparse_detr_overfits_synthetic_images(tmp_path):
     generate(tmp_path / "synth", NUM_IMAGES, 0, size=IMAGE_SIZE, seed=0)
     images, mask, targets, gt = load_batch(tmp_path / "synth")
     torch.manual_seed(0)
-    model, criterion, postprocess = build(small_config(), LossConfig())
+    model, criterion = build(small_config(), LossConfig())
+    postprocess = PostProcess()
     optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3, lr_backbone=1e-4, lr_linear_proj_mult=0.1),
                                   weight_decay=1e-4)
     orig_sizes = torch.stack([t["orig_size"] for t in targets])

@@ -33,8 +33,10 @@ def make_shards(root: Path, num_train: int = 16, num_val: int = 8, size: int = 9
     return out
 
 
-def tiny_config(path: Path, shards: dict[str, Path], storage: Path, **train_overrides):
-    """A YAML config with a tiny Sparse DETR (rho > 0, encoder aux loss) -> (path, Config)."""
+def tiny_config(path: Path, shards: dict[str, Path], storage: Path, checkpoint: dict | None = None,
+                **train_overrides):
+    """A YAML config with a tiny Sparse DETR (rho > 0, encoder aux loss) -> (path, Config).
+    ``checkpoint``: the config's checkpoint section; other keywords override the train section."""
     values = {
         "model": {"backbone": {"name": "resnet18", "train": True}, "hidden_dim": 32, "nheads": 2, "enc_layers": 2,
                   "dec_layers": 2, "dim_feedforward": 64, "num_queries": 20, "enc_n_points": 2, "dec_n_points": 2,
@@ -44,6 +46,7 @@ def tiny_config(path: Path, shards: dict[str, Path], storage: Path, **train_over
                  "random_crop": False},
         "train": {"epochs": 2, "num_workers": 2, "max_steps_per_epoch": 2, "log_every": 1, "lr_drop": 1,
                   "storage_path": str(storage), "max_failures": 2, "scale_lr": True, **train_overrides},
+        "checkpoint": dict(checkpoint or {}),
         "eval": {"every": 1, "dam_images": 1, "pred_images": 1},  # drawn at every eval: few, to stay cheap
         "cluster": {"num_cpus": 2, "dashboard_port": free_port()},
     }

@@ -25,7 +25,7 @@ pytest.importorskip("moto.server")  # the `s3` server fixture is in tests/confte
 from pipelines.errors import DataError, ShardIndexError
 from pipelines.remote import ObjectStoreError, cat, pipe_source, s3_client, upload_shards
 from pipelines.shard import write_shards
-from pipelines.sources import resolve
+from pipelines.sources import resolve_shards
 from pipelines.synth import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,8 +97,8 @@ def test_the_loader_reads_the_uploaded_shards_through_pipe(s3, shards, monkeypat
     assert source.startswith("pipe:") and source.endswith("s3://load/coco/train/index.json")
     # the pipe command runs this checkout's CLI, as `sdo` would in the image
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    shard_set = resolve(source)
-    local = resolve(shards)
+    shard_set = resolve_shards(source)
+    local = resolve_shards(shards)
     assert shard_set.index == local.index and shard_set.num_samples == 12
     for remote, here in zip(shard_set.shards, local.shards, strict=True):
         assert remote.url.endswith(Path(here.url).name) and remote.count == here.count

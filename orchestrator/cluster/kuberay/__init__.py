@@ -1,2 +1,2 @@
 """`--cluster k8s.yaml`: the cluster spec, the rendered manifests and their schemas, the Kubernetes client,
-following a RayJob, and the launcher that ties them together."""
+following a RayJob, and submitting one (rayjob.py) which ties them together."""

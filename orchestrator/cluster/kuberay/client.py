@@ -1,4 +1,4 @@
-"""The Kubernetes API client of the KubeRay launcher and its errors (one line each, mapped to exit codes).
+"""The Kubernetes API client of the RayJob submitter and its errors (one line each, mapped to exit codes).
 
 Bad spec/manifest -> ClusterSpecError (ValueError, exit 2); KubeRay not installed ->
 KubeRayNotInstalled (ValueError, exit 2); name taken -> RayJobExists (FileExistsError, exit 2);

@@ -70,7 +70,7 @@ def _is_shared_location(value: str) -> bool:
 
 def resolved_config(cfg: Config, spec: ClusterSpec) -> Config:
     """The config the pods run: the user's config with the cluster spec's `sdo:` locations applied."""
-    resolved = config_mod.from_dict(config_mod.to_dict(cfg))
+    resolved = copy.deepcopy(cfg)
     overrides = {"tracking.uri": spec.sdo.tracking_uri, "data.train_shards": spec.sdo.train_shards,
                  "data.val_shards": spec.sdo.val_shards, "train.storage_path": spec.sdo.storage_path}
     for key, value in overrides.items():
@@ -78,7 +78,7 @@ def resolved_config(cfg: Config, spec: ClusterSpec) -> Config:
             config_mod.set_value(resolved, key, value)
     # Inside the RayJob the driver attaches to the cluster it runs in (RAY_ADDRESS is set by Ray Jobs).
     resolved.cluster.address = "local"
-    config_mod.validate(resolved)
+    config_mod.validate(resolved)  # the spec's locations are new values
     if resolved.tracking.uri and "://" in resolved.tracking.uri and urlsplit(resolved.tracking.uri).password:
         # The resolved config lands in a ConfigMap and in MLflow params: no secrets in it.
         raise ClusterSpecError("tracking.uri: embeds a password; pass MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD "

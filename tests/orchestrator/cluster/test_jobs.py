@@ -19,8 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from train_helpers import free_port, make_shards, tiny_config
 
-from orchestrator.cluster.launch import launch
-from orchestrator.run.directory import read_run_state
+from orchestrator.cluster.dispatch import train_on
+from orchestrator.run.identity import read_identity
 
 BIN = Path(sys.executable).parent
 
@@ -67,13 +67,13 @@ def test_job_trains_on_the_head_and_follows_its_logs(head, tmp_path):
     _, cfg = tiny_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs", num_workers=1, epochs=1,
                          max_steps_per_epoch=1)
     lines = []
-    assert launch(cfg, cluster=head, name="jobrun", echo=lines.append) == 0
+    assert train_on(cfg, cluster=head, name="jobrun", echo=lines.append) == 0
     text = "\n".join(lines)
     assert lines[0].startswith("sdo: submitted Ray job sdo-jobrun-")
     assert "sdo: run jobrun finished: AP=" in text  # the job's own output, streamed back
     assert lines[-1].endswith("SUCCEEDED")
-    state = read_run_state(tmp_path / "runs" / "jobrun")
-    run = MlflowClient(state["tracking_uri"]).get_run(state["mlflow_run_id"])
+    identity = read_identity(tmp_path / "runs" / "jobrun")
+    run = MlflowClient(identity.tracking_uri).get_run(identity.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["cluster_kind"] == "ray-jobs"
     assert run.data.params["cluster.address"] == head
@@ -87,5 +87,5 @@ def test_failing_job_raises_with_its_status(head, tmp_path):
                          tmp_path / "runs", num_workers=1, epochs=1)
     lines = []
     with pytest.raises(RuntimeError, match="ended FAILED"):
-        launch(cfg, cluster=head, name="doomed", echo=lines.append)
+        train_on(cfg, cluster=head, name="doomed", echo=lines.append)
     assert any("data.train_shards" in line for line in lines)

@@ -16,11 +16,11 @@ import yaml
 from kube_api_server import FAILED, KubeApiServer
 
 from orchestrator import config as config_mod
-from orchestrator.cluster.kuberay.launcher import (
+from orchestrator.cluster.kuberay.rayjob import (
     KubeRayNotInstalled,
     KubernetesError,
     RayJobExists,
-    launch_on_kubernetes,
+    submit_rayjob,
 )
 from orchestrator.cluster.kuberay.spec import ClusterSpecError
 from orchestrator.config import load_config
@@ -64,7 +64,7 @@ def test_apply_follow_and_stream_logs_until_succeeded(tmp_path, crd):
     log = "Submitting job r50 ...\nepoch 0 AP 0.012\nJob 'r50' succeeded\n"
     with KubeApiServer(crd=crd, pod_log=log) as server:
         out = io.StringIO()
-        code = launch_on_kubernetes(cfg(), spec_for(server, tmp_path), name="r50", out=out, poll_interval=POLL)
+        code = submit_rayjob(cfg(), spec_for(server, tmp_path), name="r50", out=out, poll_interval=POLL)
         assert code == 0
         rayjob = server.rayjobs[("sdo", "r50")]
         configmap = server.configmaps[("sdo", "r50-config")]
@@ -92,7 +92,7 @@ def test_log_stream_waits_for_the_submitter_container(tmp_path, crd):
     log = "epoch 0 AP 0.012\n"
     with KubeApiServer(crd=crd, pod_log=log, log_not_ready=2) as server:
         out = io.StringIO()
-        assert launch_on_kubernetes(cfg(), spec_for(server, tmp_path), name="slow", out=out, poll_interval=POLL) == 0
+        assert submit_rayjob(cfg(), spec_for(server, tmp_path), name="slow", out=out, poll_interval=POLL) == 0
         log_reads = [p for m, p, _ in server.requests if p.endswith("/log")]
     assert len(log_reads) == 3  # two refusals (ContainerCreating), then the stream
     assert out.getvalue().count(log) == 1
@@ -107,23 +107,23 @@ def test_installed_crd_is_checked_before_anything_is_created(tmp_path, crd):
         data["spec"]["autoscalerOptions"] = {"upscalingSpeed": "fast"}
         spec.write_text(yaml.safe_dump(data))
         with pytest.raises(ClusterSpecError, match=r"CRD installed at http://127\.0\.0\.1:\d+.*autoscalerOptions\.upscalingSpeed: unknown field"):
-            launch_on_kubernetes(cfg(), spec, name="open", out=io.StringIO())
+            submit_rayjob(cfg(), spec, name="open", out=io.StringIO())
         assert not [m for m, _, _ in server.requests if m == "POST"]
 
 
 def test_failed_job_returns_1(tmp_path, crd):
     with KubeApiServer(crd=crd, script=FAILED, pod_log="Traceback ...\n") as server:
         out = io.StringIO()
-        assert launch_on_kubernetes(cfg(), spec_for(server, tmp_path), name="bad", out=out, poll_interval=POLL) == 1
+        assert submit_rayjob(cfg(), spec_for(server, tmp_path), name="bad", out=out, poll_interval=POLL) == 1
     assert "RayJob bad: Failed (job FAILED) - Job entrypoint command failed with exit code 1" in out.getvalue()
 
 
 def test_name_conflict_is_a_clear_error(tmp_path, crd):
     with KubeApiServer(crd=crd) as server:
         spec = spec_for(server, tmp_path)
-        assert launch_on_kubernetes(cfg(), spec, name="twice", out=io.StringIO(), poll_interval=POLL) == 0
+        assert submit_rayjob(cfg(), spec, name="twice", out=io.StringIO(), poll_interval=POLL) == 0
         with pytest.raises(RayJobExists, match=r"RayJob sdo/twice already exists.*kubectl -n sdo delete rayjob twice"):
-            launch_on_kubernetes(cfg(), spec, name="twice", out=io.StringIO(), poll_interval=POLL)
+            submit_rayjob(cfg(), spec, name="twice", out=io.StringIO(), poll_interval=POLL)
         assert len(calls(server, "POST", "/configmaps")) == 1  # nothing sent after the 409
     assert issubclass(RayJobExists, FileExistsError)  # the CLI maps it to exit 2
 
@@ -132,7 +132,7 @@ def test_configmap_conflict_rolls_the_rayjob_back(tmp_path, crd):
     with KubeApiServer(crd=crd) as server:
         server.configmaps[("sdo", "left-config")] = {"metadata": {"name": "left-config"}}
         with pytest.raises(RayJobExists, match="ConfigMap sdo/left-config already exists"):
-            launch_on_kubernetes(cfg(), spec_for(server, tmp_path), name="left", out=io.StringIO(), poll_interval=POLL)
+            submit_rayjob(cfg(), spec_for(server, tmp_path), name="left", out=io.StringIO(), poll_interval=POLL)
         assert ("sdo", "left") not in server.rayjobs
         assert [m for m, p, _ in server.requests if p.endswith("/rayjobs/left")] == ["DELETE"]
 
@@ -140,7 +140,7 @@ def test_configmap_conflict_rolls_the_rayjob_back(tmp_path, crd):
 def test_missing_crd_is_one_line(tmp_path):
     with KubeApiServer(crd=None) as server:
         with pytest.raises(KubeRayNotInstalled) as info:
-            launch_on_kubernetes(cfg(), spec_for(server, tmp_path), name="nocrd", out=io.StringIO())
+            submit_rayjob(cfg(), spec_for(server, tmp_path), name="nocrd", out=io.StringIO())
         assert not calls(server, "POST", "/rayjobs")  # detected from the CRD path before creating anything
     message = str(info.value)
     assert "rayjobs.ray.io" in message and "KubeRay" in message and "\n" not in message
@@ -150,14 +150,14 @@ def test_missing_crd_is_one_line(tmp_path):
 def test_missing_crd_detected_by_create_when_crds_are_unreadable(tmp_path):
     with KubeApiServer(crd=None, crd_readable=False) as server:
         with pytest.raises(KubeRayNotInstalled, match="does not serve ray.io/v1 rayjobs"):
-            launch_on_kubernetes(cfg(), spec_for(server, tmp_path), name="nocrd", out=io.StringIO())
+            submit_rayjob(cfg(), spec_for(server, tmp_path), name="nocrd", out=io.StringIO())
         assert len(calls(server, "POST", "/rayjobs")) == 1
 
 
 def test_missing_namespace(tmp_path, crd):
     with KubeApiServer(crd=crd, namespaces=("default",)) as server, \
             pytest.raises(ClusterSpecError, match=r"namespace 'sdo' does not exist .*kubectl create namespace sdo"):
-        launch_on_kubernetes(cfg(), spec_for(server, tmp_path), name="nons", out=io.StringIO())
+        submit_rayjob(cfg(), spec_for(server, tmp_path), name="nons", out=io.StringIO())
 
 
 def test_unreachable_api_server_is_one_line(tmp_path):
@@ -174,7 +174,7 @@ def test_unreachable_api_server_is_one_line(tmp_path):
     data["sdo"]["kubeconfig"] = str(kubeconfig)
     (tmp_path / "k8s.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(KubernetesError) as info:
-        launch_on_kubernetes(cfg(), tmp_path / "k8s.yaml", name="away", out=io.StringIO())
+        submit_rayjob(cfg(), tmp_path / "k8s.yaml", name="away", out=io.StringIO())
     assert f"cannot reach the Kubernetes API server at http://127.0.0.1:{port}" in str(info.value)
     assert "\n" not in str(info.value) and not isinstance(info.value, ValueError)  # exit 1
 
@@ -185,7 +185,7 @@ def test_bad_kubeconfig_is_bad_input(tmp_path):
     data["sdo"].update(kubeconfig=str(tmp_path / "kubeconfig"), context="nowhere")
     (tmp_path / "k8s.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ClusterSpecError, match="kubeconfig"):
-        launch_on_kubernetes(cfg(), tmp_path / "k8s.yaml", name="x", out=io.StringIO())
+        submit_rayjob(cfg(), tmp_path / "k8s.yaml", name="x", out=io.StringIO())
 
 
 class InterruptOnStatus(io.StringIO):
@@ -201,7 +201,7 @@ class InterruptOnStatus(io.StringIO):
 def test_ctrl_c_detaches_and_leaves_the_job_running(tmp_path, crd):
     with KubeApiServer(crd=crd) as server:
         out = InterruptOnStatus()
-        code = launch_on_kubernetes(cfg(), spec_for(server, tmp_path), name="bg", out=out, poll_interval=POLL)
+        code = submit_rayjob(cfg(), spec_for(server, tmp_path), name="bg", out=out, poll_interval=POLL)
         assert code == 130
         assert ("sdo", "bg") in server.rayjobs and not calls(server, "DELETE", "/rayjobs/bg")
     text = out.getvalue()

@@ -16,7 +16,7 @@ import yaml
 from kube_api_server import KubeApiServer
 
 from orchestrator import config as config_mod
-from orchestrator.cluster.kuberay.launcher import launch_on_kubernetes
+from orchestrator.cluster.kuberay.rayjob import submit_rayjob
 from orchestrator.cluster.kuberay.render import render_manifests
 from orchestrator.cluster.kuberay.schema import load_crd, validate_crd
 from orchestrator.cluster.kuberay.spec import ClusterSpecError, load_cluster_spec
@@ -225,9 +225,9 @@ def test_no_token_value_in_any_manifest_request_or_mlflow_param(tmp_path, token,
     with KubeApiServer(crd=crd(), secrets=stored, pod_log="done\n") as server:
         spec = spec_with_secrets(server, tmp_path)
         dry = io.StringIO()
-        assert launch_on_kubernetes(cfg(), spec, name="tok", dry_run=True, out=dry) == 0
+        assert submit_rayjob(cfg(), spec, name="tok", dry_run=True, out=dry) == 0
         out = io.StringIO()
-        assert launch_on_kubernetes(cfg(), spec, name="tok", out=out, poll_interval=POLL) == 0
+        assert submit_rayjob(cfg(), spec, name="tok", out=out, poll_interval=POLL) == 0
         bodies = list(server.bodies)
         reads = [p for m, p, _ in server.requests if p.startswith("/api/v1/namespaces/sdo/secrets/")]
     assert sorted(set(reads)) == ["/api/v1/namespaces/sdo/secrets/s3-credentials", "/api/v1/namespaces/sdo/secrets/sdo-ray-token"]
@@ -273,7 +273,7 @@ def test_secret_problems_are_one_line_before_anything_is_created(tmp_path, token
         spec = spec_with_secrets(server, tmp_path)
         for dry_run in (True, False):
             with pytest.raises(ClusterSpecError, match=expected) as info:
-                launch_on_kubernetes(cfg(), spec, name="sec", dry_run=dry_run, out=io.StringIO())
+                submit_rayjob(cfg(), spec, name="sec", dry_run=dry_run, out=io.StringIO())
             assert "\n" not in str(info.value) and token not in str(info.value)
         assert not [m for m, _, _ in server.requests if m == "POST"]
 
@@ -287,7 +287,7 @@ def test_dry_run_without_credentials_says_secrets_were_not_checked(tmp_path, mon
     path = tmp_path / "k8s.yaml"
     path.write_text(yaml.safe_dump(data))
     out = io.StringIO()
-    assert launch_on_kubernetes(cfg(), path, name="offline", dry_run=True, out=out) == 0
+    assert submit_rayjob(cfg(), path, name="offline", dry_run=True, out=out) == 0
     comments = [line for line in out.getvalue().splitlines() if line.startswith("#")]
     assert comments[-1] == "# Secrets not checked: no Kubernetes credentials (kubeconfig)"
     assert [d["kind"] for d in yaml.safe_load_all(out.getvalue())] == ["ConfigMap", "RayJob"]

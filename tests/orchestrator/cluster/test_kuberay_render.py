@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator.cluster.kuberay.launcher import launch_on_kubernetes
+from orchestrator.cluster.kuberay.rayjob import submit_rayjob
 from orchestrator.cluster.kuberay.render import (
     CONFIG_DIR,
     CONFIG_VOLUME,
@@ -153,7 +153,7 @@ def test_resume_continues_the_run(tmp_path):
 
 def test_dry_run_prints_both_manifests_as_yaml(tmp_path):
     out = io.StringIO()
-    assert launch_on_kubernetes(gpu_config(), EXAMPLE, name="dry", dry_run=True, out=out) == 0
+    assert submit_rayjob(gpu_config(), EXAMPLE, name="dry", dry_run=True, out=out) == 0
     docs = list(yaml.safe_load_all(out.getvalue()))
     assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
     assert docs[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -164,13 +164,13 @@ def test_dry_run_validates_against_the_crd_copy_named_by_env(tmp_path, monkeypat
     data = example()
     data["spec"]["autoscalerOptions"] = {"upscalingSpeed": "fast"}
     path = write_spec(tmp_path, data)
-    assert launch_on_kubernetes(gpu_config(), path, name="open", dry_run=True, out=io.StringIO()) == 0
+    assert submit_rayjob(gpu_config(), path, name="open", dry_run=True, out=io.StringIO()) == 0
     monkeypatch.setenv("SDO_KUBERAY_CRDS", str(CRD_DIR))
     with pytest.raises(ClusterSpecError, match=r"autoscalerOptions\.upscalingSpeed: unknown field"):
-        launch_on_kubernetes(gpu_config(), path, name="open", dry_run=True, out=io.StringIO())
+        submit_rayjob(gpu_config(), path, name="open", dry_run=True, out=io.StringIO())
     monkeypatch.setenv("SDO_KUBERAY_CRDS", str(tmp_path))  # no CRD files there: say so, do not skip the check
     with pytest.raises(FileNotFoundError, match="ray.io_rayjobs.yaml"):
-        launch_on_kubernetes(gpu_config(), path, name="open", dry_run=True, out=io.StringIO())
+        submit_rayjob(gpu_config(), path, name="open", dry_run=True, out=io.StringIO())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ def test_each_attempt_finds_the_state_of_the_previous_one(tmp_path):
     first = open_run(cfg, name="r50-rho01", resume=False)
     assert run_exists(cfg, "r50-rho01") is True  # attempt 2 (KubeRay's retry): resume it
     again = open_run(cfg, name="r50-rho01", resume=True)
-    assert again["mlflow_run_id"] == first["mlflow_run_id"] and again["run_dir"] == first["run_dir"]
-    client = MlflowClient(first["tracking_uri"])
-    runs = client.search_runs([first["experiment_id"]], run_view_type=3)
-    assert [r.info.run_id for r in runs] == [first["mlflow_run_id"]]  # one MLflow run across the attempts
+    assert again == first  # the same identity: directory, MLflow run
+    client = MlflowClient(first.tracking_uri)
+    runs = client.search_runs([first.experiment_id], run_view_type=3)
+    assert [r.info.run_id for r in runs] == [first.run_id]  # one MLflow run across the attempts
     assert runs[0].info.status == "RUNNING"
     # no shards here: the dataset inputs are named as missing, the run is opened all the same
     assert runs[0].data.tags["sdo.dataset_inputs_missing"].startswith("train: data source runs/data/shards/train")

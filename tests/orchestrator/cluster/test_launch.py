@@ -23,7 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from train_helpers import free_port, make_shards, tiny_config
 
-from orchestrator.cluster.launch import launch
+from orchestrator.cluster.dispatch import train_on
 from orchestrator.cluster.local import ray_session
 from orchestrator.config import flatten
 from orchestrator.run import checkpoints
@@ -43,11 +43,11 @@ def run(tmp_path_factory):
     lines, stdout = [], io.StringIO()
     set_verbose(False)  # what `sdo launch` without -v shows
     with ray_session(cfg), contextlib.redirect_stdout(stdout):  # one Ray instance for both launches
-        first = launch(cfg, cluster="local", name="tiny", echo=lines.append)
-        first_status = MlflowClient(first["tracking_uri"]).get_run(first["mlflow_run_id"]).info.status
+        first = train_on(cfg, cluster="local", name="tiny", echo=lines.append)
+        first_status = MlflowClient(first["run"].tracking_uri).get_run(first["mlflow_run_id"]).info.status
         cfg.train.epochs = EPOCHS
-        summary = launch(cfg, cluster="local", name="tiny", resume=True, echo=lines.append)
-    client = MlflowClient(summary["tracking_uri"])
+        summary = train_on(cfg, cluster="local", name="tiny", resume=True, echo=lines.append)
+    client = MlflowClient(summary["run"].tracking_uri)
     return {"cfg": cfg, "first": first, "first_status": first_status, "summary": summary, "lines": lines,
             "stdout": stdout.getvalue(), "client": client, "root": root,
             "mlflow_run": client.get_run(summary["mlflow_run_id"])}
@@ -64,7 +64,7 @@ def test_one_finished_mlflow_run_despite_the_crash_and_the_resume(run):
     client, summary = run["client"], run["summary"]
     assert run["first_status"] == "FINISHED"
     assert run["first"]["mlflow_run_id"] == summary["mlflow_run_id"]
-    runs = client.search_runs([summary["experiment_id"]], run_view_type=3)  # ViewType.ALL
+    runs = client.search_runs([summary["run"].experiment_id], run_view_type=3)  # ViewType.ALL
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
     assert runs[0].info.status == "FINISHED"
     assert (run["root"] / "runs" / "tiny" / CRASH_MARKER).is_file()  # the hook really fired
@@ -129,7 +129,7 @@ def test_run_records_its_source_and_datasets(run):
         assert len(dataset.digest) == 16
     contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in inputs.items()}
     assert contexts == {"train_shards": "training", "val_shards": "validation"}
-    experiment = run["client"].get_experiment(run["summary"]["experiment_id"])
+    experiment = run["client"].get_experiment(run["summary"]["run"].experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "metrics.`val/AP`" in json.loads(experiment.tags["mlflow.sharedViewState.sdo"])["selectedColumns"]
 
@@ -147,7 +147,7 @@ def test_artifacts_and_the_checkpoints_on_disk(run):
     assert not [n for n in names if n.startswith("checkpoints/")]  # optimizer state stays in the run directory
     run_dir = run["root"] / "runs" / "tiny"
     kept = sorted(p.name for p in run_dir.glob("checkpoint_step*"))
-    assert 1 <= len(kept) <= run["cfg"].train.keep_checkpoints, kept
+    assert 1 <= len(kept) <= run["cfg"].checkpoint.keep, kept
     best = run_dir / "best"
     assert best.is_symlink() and best.resolve().parent == run_dir.resolve() and best.resolve().name in kept
     local = run["summary"]["checkpoint"]  # the latest of Ray Train's checkpoints
@@ -163,7 +163,7 @@ def test_artifacts_and_the_checkpoints_on_disk(run):
     from model import build
     from model.checkpoint import load_weights
 
-    model, _, _ = build(run["cfg"].model, run["cfg"].loss)
+    model, _ = build(run["cfg"].model, run["cfg"].loss)
     load_weights(model, Path(local) / checkpoints.CHECKPOINT_FILE)
     assert torch.equal(model.state_dict()["class_embed.0.weight"], state["model"]["class_embed.0.weight"])
 
@@ -172,7 +172,7 @@ def test_summary_and_printed_result(run):
     summary, lines = run["summary"], run["lines"]
     assert summary["AP"] == run["mlflow_run"].data.metrics["val/AP"]
     assert summary["best_checkpoint"] and (run["root"] / "runs" / "tiny" / "best" / "checkpoint.pt").is_file()
-    url = (f"http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}"
+    url = (f"http://127.0.0.1:5000/#/experiments/{summary['run'].experiment_id}/runs/{summary['mlflow_run_id']}"
            "?workflowType=machine_learning")  # MLflow 3 opens the GenAI view without it
     assert summary["run_url"] == url
     assert any(line.startswith("sdo: run tiny finished: AP=") for line in lines)
@@ -181,7 +181,7 @@ def test_summary_and_printed_result(run):
 
 def test_existing_name_is_refused_without_resume(run):
     with pytest.raises(FileExistsError, match="--resume"):
-        launch(run["cfg"], cluster="local", name="tiny", echo=lambda _: None)
+        train_on(run["cfg"], cluster="local", name="tiny", echo=lambda _: None)
 
 
 def test_sdo_eval_scores_sdo_and_official_checkpoints_alike(run, tmp_path):
@@ -278,7 +278,7 @@ def test_sdo_ui_in_a_browser_shows_the_run_with_its_ap_and_a_dam_picture(run, tm
     try:
         printed = [ui.stdout.readline() for _ in range(2)]
         [experiment_url] = [line.rsplit(" ", 1)[1].strip() for line in printed if line.startswith("sdo: experiment ")]
-        assert experiment_url.startswith(f"http://127.0.0.1:{port}/#/experiments/{summary['experiment_id']}/runs?")
+        assert experiment_url.startswith(f"http://127.0.0.1:{port}/#/experiments/{summary['run'].experiment_id}/runs?")
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1600, "height": 900})

@@ -21,11 +21,11 @@ from train_helpers import make_shards, tiny_config
 
 from model.build import build_model
 from orchestrator.cli import main
-from orchestrator.cluster.launch import launch
+from orchestrator.cluster.dispatch import train_on
 from orchestrator.cluster.local import ray_session
 from orchestrator.config import load_config
 from orchestrator.run import checkpoints
-from orchestrator.run.weights import load_weights
+from orchestrator.run.weights import read_weights
 from pipelines.coco_eval import evaluate, ground_truth
 
 FROZEN = "backbone.0.body.conv1.weight"  # the stem never trains (as in DETR)
@@ -54,11 +54,11 @@ def run(tmp_path_factory):
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     cfg = load_config(path)
     with ray_session(cfg):
-        summary = launch(cfg, cluster="local", name="shapes", echo=lambda line: None)
+        summary = train_on(cfg, cluster="local", name="shapes", echo=lambda line: None)
     best_dir = root / "runs" / "shapes" / "best"
     return {"root": root, "config": path, "cfg": cfg, "official": official, "official_file": official_file,
             "summary": summary, "best_dir": best_dir, "best": checkpoints.load(best_dir)["model"],
-            "client": MlflowClient(summary["tracking_uri"])}
+            "client": MlflowClient(summary["run"].tracking_uri)}
 
 
 def test_fine_tuning_starts_from_the_official_weights(run):
@@ -81,7 +81,7 @@ def test_fine_tuning_starts_from_the_official_weights(run):
 
 
 def test_the_best_weights_are_an_mlflow_model_and_a_registered_version(run, tmp_path):
-    uri, run_id = run["summary"]["tracking_uri"], run["summary"]["mlflow_run_id"]
+    uri, run_id = run["summary"]["run"].tracking_uri, run["summary"]["mlflow_run_id"]
     assert run["summary"]["model_uri"] == f"runs:/{run_id}/model"
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/model", dst_path=str(tmp_path),
                                                 tracking_uri=uri)
@@ -100,7 +100,7 @@ def test_the_best_weights_are_an_mlflow_model_and_a_registered_version(run, tmp_
 
     versions = MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{REGISTERED}'")
     assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == run_id
-    registered = load_weights(f"models:/{REGISTERED}/1", uri)
+    registered = read_weights(f"models:/{REGISTERED}/1", uri)
     assert registered.config["model"]["num_classes"] == 6
     for key, value in run["best"].items():
         assert torch.equal(registered.state[key], value), key
@@ -144,7 +144,7 @@ def test_predict_on_the_val_images_is_what_eval_scores(run, tmp_path):
 def test_bad_model_inputs_exit_2_with_one_line(run, tmp_path):
     image = str(run["root"] / "coco" / "val")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    uri = run["summary"]["tracking_uri"]
+    uri = run["summary"]["run"].tracking_uri
     cases = {
         str(tmp_path / "absent.pth"): ("absent.pth", "no such checkpoint"),
         str(tmp_path / "notes.txt"): ("notes.txt", "cannot read"),

@@ -18,7 +18,7 @@ from train_helpers import make_shards, tiny_config
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")  # the `s3` server fixture is in tests/conftest.py
 
-from orchestrator.cluster.launch import launch
+from orchestrator.cluster.dispatch import train_on
 from orchestrator.cluster.local import ray_session
 from orchestrator.run import checkpoints
 from orchestrator.run.storage import RemotePath, location
@@ -38,13 +38,13 @@ def stored(s3, tmp_path_factory):
         env.chdir(root)
         shards = make_shards(root, num_train=8, num_val=2, size=64)  # 2 steps per epoch on 2 workers
         _, cfg = tiny_config(root / "t.yaml", shards, f"s3://{BUCKET}/{PREFIX}", epochs=1, max_steps_per_epoch=STEPS,
-                             checkpoint_every=None, keep_checkpoints=2)  # epoch ends only: each one is ~130 MB of PUTs
+                             checkpoint={"every_steps": None, "keep": 2})  # epoch ends only: ~130 MB of PUTs each
         cfg.tracking.uri = f"sqlite:///{root / 'mlflow.db'}"
         cfg.eval.dam_images = 1
         with ray_session(cfg):
-            first = launch(cfg, cluster="local", name="r1", echo=lambda _: None)
+            first = train_on(cfg, cluster="local", name="r1", echo=lambda _: None)
             cfg.train.epochs = 2
-            second = launch(cfg, cluster="local", name="r1", resume=True, echo=lambda _: None)
+            second = train_on(cfg, cluster="local", name="r1", resume=True, echo=lambda _: None)
         listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/r1/")
         keys = sorted(item["Key"] for item in listed.get("Contents", []))
         state = json.loads(client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/r1/sdo_run.json")["Body"].read())

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from orchestrator.config import Config, ConfigError
-from orchestrator.run.preflight import _check_shards
+from orchestrator.run.preflight import check_shards
 from pipelines.loader import make_loader
 from pipelines.shard import write_shards
 from pipelines.synth import generate
@@ -34,7 +34,7 @@ def test_every_source_form_resolves_the_same_in_preflight_and_loader(shards, for
     source = {"folder": str(shards), "index": str(shards / "index.json"),
               "single_tar": str(shards / "shard-000001.tar"), "brace": str(shards / "shard-{000000..000001}.tar"),
               "pipe": f"pipe:cat {shards / 'index.json'}"}[form]
-    _check_shards(_cfg(source))
+    check_shards(_cfg(source))
     loader = make_loader(source, train=False, batch_size=2)
     assert loader.num_samples == expected
     assert len([t for _, _, ts in loader for t in ts if t["image_id"] >= 0]) == expected
@@ -47,17 +47,17 @@ def test_bad_sources_are_refused_naming_the_key(shards, tmp_path):
                             (shards / "shard-{000000..000009}.tar", "not listed"),
                             (tmp_path / "x.txt", "neither a shard directory")):
         with pytest.raises(ConfigError, match=f"data.train_shards=.*{message}"):
-            _check_shards(_cfg(source))
+            check_shards(_cfg(source))
 
 
 def test_category_ids_beyond_num_classes_are_refused_naming_both(shards, tmp_path):
-    _check_shards(_cfg(shards, num_classes=6))  # synthetic ids 1..5
+    check_shards(_cfg(shards, num_classes=6))  # synthetic ids 1..5
     with pytest.raises(ConfigError, match=r"category ids up to 5, but model.num_classes=5 .*>= 6"):
-        _check_shards(_cfg(shards, num_classes=5))
+        check_shards(_cfg(shards, num_classes=5))
     old = tmp_path / "old_index"  # an index written before max_category_id existed: taken from the categories
     shutil.copytree(shards, old)
     index = json.loads((old / "index.json").read_text())
     del index["max_category_id"]
     (old / "index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match="category ids up to 5, but model.num_classes=3"):
-        _check_shards(_cfg(old, num_classes=3))
+        check_shards(_cfg(old, num_classes=3))

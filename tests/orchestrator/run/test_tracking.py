@@ -129,8 +129,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     state = {"model": {"w": torch.arange(4.0)}, "optimizer": {"state": {}, "param_groups": []},
              "scheduler": {"last_epoch": 3}, "epoch": 2, "step": 40, "config": {"model": {"rho": 0.1}},
              "mlflow_run_id": "abc"}
-    directory = checkpoints.save(tmp_path / "ckpt", state)
+    directory = checkpoints.save(tmp_path / "ckpt", state, {"AP": 0.25, "step": 40})
     assert (directory / "config.yaml").read_text().startswith("model:")
+    assert checkpoints.read_report(directory) == {"AP": 0.25, "step": 40}
     loaded = checkpoints.load(directory)
     assert torch.equal(loaded["model"]["w"], state["model"]["w"])
     assert (loaded["epoch"], loaded["step"], loaded["mlflow_run_id"]) == (2, 40, "abc")
@@ -140,22 +141,6 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoints.load(tmp_path / "missing")
-
-
-def test_best_is_a_link_to_a_checkpoint_folder_not_a_copy(tmp_path):
-    state = {"model": {"w": torch.ones(2)}, "optimizer": {}, "scheduler": {}, "epoch": 0, "step": 2,
-             "config": {}, "mlflow_run_id": "abc"}
-    run_dir = tmp_path / "run"
-    first = checkpoints.save(run_dir / "checkpoint_step000000002-1", state)
-    second = checkpoints.save(run_dir / "checkpoint_step000000004-1", {**state, "step": 4})
-    checkpoints.save(run_dir / "best", state)  # a copy, as sdo < 0.3 left it
-    best = checkpoints.point_best(run_dir, first)
-    assert best.is_symlink() and os.readlink(best) == first.name  # relative: the run directory can move
-    checkpoints.point_best(run_dir, second)
-    assert checkpoints.load(best)["step"] == 4 and sorted(p.name for p in run_dir.iterdir()) == [
-        "best", first.name, second.name]
-    # Ray keeps num_to_keep best-scored folders and the latest besides them
-    assert [checkpoints.ray_num_to_keep(k) for k in (1, 2, 5)] == [1, 1, 4]
 
 
 def test_crash_hook_fires_once_per_run_dir(tmp_path):

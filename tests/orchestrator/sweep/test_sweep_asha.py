@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from train_helpers import tiny_config
 
 from orchestrator.config import set_value, validate
-from orchestrator.sweep.driver import run_sweep
+from orchestrator.sweep.tuner import run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def sweep(tmp_path_factory):
 
     lines = []
     summary = run_sweep(cfg, name="asha", trainable=toy_trial, echo=lines.append)
-    return {"summary": summary, "lines": lines, "client": MlflowClient(summary["tracking_uri"])}
+    return {"summary": summary, "lines": lines, "client": MlflowClient(summary["run"].tracking_uri)}
 
 
 def test_asha_stops_the_weaker_trials_after_the_first_rung(sweep):

@@ -24,7 +24,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from train_helpers import left_in_session, make_shards, tiny_config
 
-from orchestrator.sweep.driver import STATE_FILE
+from orchestrator.sweep.runs import STATE_FILE
 
 NAME = "demo"
 WHOLE = "whole"

@@ -9,9 +9,11 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.config import Config, ConfigError, load_config, set_value
-from orchestrator.sweep.driver import flops_size, make_scheduler, make_search
+from orchestrator.sweep.rows import flops_size
+from orchestrator.sweep.schedulers import make_scheduler
 from orchestrator.sweep.space import (
     grid_size,
+    make_search,
     num_trials,
     parse_space,
     to_tune,

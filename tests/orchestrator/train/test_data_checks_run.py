@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from train_helpers import make_shards, tiny_config
 
-from orchestrator.cluster.launch import launch
+from orchestrator.cluster.dispatch import train_on
 from orchestrator.run.tracking import tracking_uri
 
 
@@ -21,7 +21,7 @@ def test_skip_counts_reach_mlflow_and_an_overstated_val_index_fails_the_run(tmp_
     _, cfg = tiny_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs", num_workers=1, epochs=1,
                          max_failures=0, max_steps_per_epoch=1)
     with pytest.raises(Exception, match=r"data.val_shards=.*8 of 12 samples lost .*index_mismatch 8"):
-        launch(cfg, cluster="local", name="bad-val", echo=lambda line: None)
+        train_on(cfg, cluster="local", name="bad-val", echo=lambda line: None)
     client = MlflowClient(tracking_uri(cfg))
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"

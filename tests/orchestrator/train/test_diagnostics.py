@@ -9,6 +9,7 @@ from train_helpers import make_shards, tiny_config
 
 from model import build
 from model.dam import dam_recall
+from model.postprocess import PostProcess
 from orchestrator.train import evaluation, plots
 from orchestrator.train.diagnostics import EvalDiagnostics
 from pipelines.loader import make_loader
@@ -18,7 +19,8 @@ def test_dam_recall_and_pictures_of_one_eval_pass(tmp_path):
     shards = make_shards(tmp_path, num_train=2, num_val=5, size=64)
     _, cfg = tiny_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs")
     torch.manual_seed(0)
-    model, _, postprocess = build(cfg.model, cfg.loss)
+    model, _ = build(cfg.model, cfg.loss)
+    postprocess = PostProcess()
     loader = make_loader(shards["val"], train=False, batch_size=2, shuffle_buffer=0, max_size=96, val_scale=64)
     names = {c["id"]: c["name"] for c in loader.index["categories"]}
     diagnostics = EvalDiagnostics(tmp_path / "plots", epoch=3, draw=True, pred_images=2, dam_images=3,

@@ -27,11 +27,14 @@ from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 from train_helpers import left_in_session, make_shards, tiny_config
 
-from orchestrator.cluster.launch import launch
+from orchestrator.cluster.dispatch import train_on
 from orchestrator.cluster.local import ray_session
 from orchestrator.run import checkpoints
-from orchestrator.run.directory import STOP_MARKER, read_run_state
-from orchestrator.run.failures import CheckpointError
+from orchestrator.run.directory import STOP_MARKER
+from orchestrator.run.errors import CheckpointError
+from orchestrator.run.identity import read_identity
+from orchestrator.run.lifecycle import open_run
+from orchestrator.run.preflight import preflight
 from orchestrator.run.tracking import WORKER_GROUP_STARTS, metric_key
 from orchestrator.train.driver import run_training
 
@@ -42,8 +45,9 @@ LOSS_KEYS = ("loss", "loss_ce", "loss_bbox", "lr")
 
 def _config(root: Path, shards, name: str, **train):
     # 3 folders: the damaged latest one has two older ones to fall back to
-    values = {"epochs": 2, "max_steps_per_epoch": STEPS, "checkpoint_every": 1, "keep_checkpoints": 3, **train}
-    path, cfg = tiny_config(root / f"{name}.yaml", shards, root / "runs", **values)
+    values = {"epochs": 2, "max_steps_per_epoch": STEPS, **train}
+    path, cfg = tiny_config(root / f"{name}.yaml", shards, root / "runs", checkpoint={"every_steps": 1, "keep": 3},
+                            **values)
     assert cfg.model.dropout > 0  # the twin comparison holds with dropout: each rank's RNG state is checkpointed
     cfg.eval.dam_images = 0
     return path, cfg
@@ -82,18 +86,19 @@ def runs(tmp_path_factory):
     _, cfg = _config(root, shards, "twin")
     out = {"root": root, "shards": shards}
     with ray_session(cfg):
-        out["twin"] = launch(cfg, cluster="local", name="twin", echo=lambda _: None)
+        out["twin"] = train_on(cfg, cluster="local", name="twin", echo=lambda _: None)
         out["twin_weights"] = _final_weights(out["twin"])
 
         _, crash_cfg = _config(root, shards, "crashed", crash_at_step=CRASH_STEP)
-        out["crashed"] = launch(crash_cfg, cluster="local", name="crashed", echo=lambda _: None)
+        out["crashed"] = train_on(crash_cfg, cluster="local", name="crashed", echo=lambda _: None)
         out["crashed_weights"] = _final_weights(out["crashed"])
-        client = MlflowClient(out["crashed"]["tracking_uri"])
+        client = MlflowClient(out["crashed"]["run"].tracking_uri)
         out["crashed_tags"] = client.get_run(out["crashed"]["mlflow_run_id"]).data.tags
 
         # resumed with nothing left to train (a sweep trial interrupted after its last checkpoint)
         reports = root / "reports.jsonl"
-        run_training(crash_cfg, name="crashed", resume=True, extra_callbacks=[RecordReports(reports)])
+        resolved = preflight(crash_cfg, name="crashed", resume=True)
+        run_training(resolved, open_run(resolved, name="crashed", resume=True), extra_callbacks=[RecordReports(reports)])
         out["reports_again"] = [json.loads(line) for line in reports.read_text().splitlines()]
 
         # damage the latest checkpoint, then train one more epoch from what is left
@@ -102,7 +107,7 @@ def runs(tmp_path_factory):
         latest.write_bytes(data[: len(data) // 2])
         out["truncated"] = latest
         crash_cfg.train.epochs = 3
-        out["resumed"] = launch(crash_cfg, cluster="local", name="crashed", resume=True, echo=lambda _: None)
+        out["resumed"] = train_on(crash_cfg, cluster="local", name="crashed", resume=True, echo=lambda _: None)
 
         # every checkpoint of the twin damaged: nothing to resume from
         for directory in (root / "runs" / "twin").glob("checkpoint_step*"):
@@ -111,9 +116,9 @@ def runs(tmp_path_factory):
         cfg.train.epochs = 3
         started = time.monotonic()
         with pytest.raises(CheckpointError) as failure:
-            launch(cfg, cluster="local", name="twin", resume=True, echo=lambda _: None)
+            train_on(cfg, cluster="local", name="twin", resume=True, echo=lambda _: None)
         out["unreadable_error"], out["unreadable_seconds"] = failure.value, time.monotonic() - started
-    out["client"] = MlflowClient(out["twin"]["tracking_uri"])
+    out["client"] = MlflowClient(out["twin"]["run"].tracking_uri)
     return out
 
 
@@ -192,7 +197,7 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(runs):
     assert left_in_session(process.pid) == []
 
     run_dir = root / "runs" / "interrupted"
-    run_id = read_run_state(run_dir)["mlflow_run_id"]
+    run_id = read_identity(run_dir).run_id
     assert client.get_run(run_id).info.status == "KILLED"
     assert not (run_dir / STOP_MARKER).exists()
     stored = sorted(run_dir.glob("checkpoint_step*"))
@@ -213,7 +218,7 @@ def test_a_sigkilled_driver_leaves_no_process_and_the_run_resumes(runs):
     process.kill()  # the driver alone, as the OOM killer or `kill -9` would
     process.communicate(timeout=30)
     assert left_in_session(process.pid) == []  # Ray's processes are gone with it
-    run_id = read_run_state(root / "runs" / "sigkilled")["mlflow_run_id"]
+    run_id = read_identity(root / "runs" / "sigkilled").run_id
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody was left to close it
     _resume_to_the_end(args, client, run_id, epochs=2)
 
@@ -226,10 +231,10 @@ def _wait_for_steps(process: subprocess.Popen, run_dir: Path, steps: int, timeou
     """Wait until the run has logged ``steps`` training steps -> a client of its store."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        state = read_run_state(run_dir)
-        if state is not None:
-            client = MlflowClient(state["tracking_uri"])
-            if len(client.get_metric_history(state["mlflow_run_id"], "train/loss")) >= steps:
+        identity = read_identity(run_dir)
+        if identity is not None:
+            client = MlflowClient(identity.tracking_uri)
+            if len(client.get_metric_history(identity.run_id, "train/loss")) >= steps:
                 return client
         time.sleep(0.5)
     raise AssertionError(f"no {steps} steps logged: {process.communicate(timeout=60)}")

@@ -42,7 +42,7 @@ def _build(path, overrides):
 
     cfg = load_config(path, overrides)
     torch.manual_seed(0)
-    model, criterion, _ = build(cfg.model, cfg.loss)
+    model, criterion = build(cfg.model, cfg.loss)
     optimizer, scheduler = make_optimizer(cfg, model, world_size=1)
     return model, criterion, optimizer, scheduler
 

@@ -173,9 +173,9 @@ def dry_run_header(manifests: list[dict], spec: ClusterSpec, *, command: str, na
 # Entry point
 # --------------------------------------------------------------------------------------------
 
-def launch_on_kubernetes(cfg: Config, spec_path: str | Path, *, name: str, command: str = "launch",
-                         dry_run: bool = False, out: TextIO | None = None, crd_dir: str | Path | None = None,
-                         poll_interval: float = 5.0, resume: bool = False) -> int:
+def submit_rayjob(cfg: Config, spec_path: str | Path, *, name: str, command: str = "launch",
+                  dry_run: bool = False, out: TextIO | None = None, crd_dir: str | Path | None = None,
+                  poll_interval: float = 5.0, resume: bool = False) -> int:
     """Run ``sdo <command>`` for ``cfg`` as a RayJob on the cluster described by ``spec_path``.
 
     dry_run: validate and print the manifests as multi-document YAML (kubectl-appliable), headed by

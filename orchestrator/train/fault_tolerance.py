@@ -1,4 +1,4 @@
-"""What a Ray Train run does on a failure or a Ctrl-C (the classes themselves: orchestrator.run.failures).
+"""What a Ray Train run does on a failure or a Ctrl-C (the classes themselves: orchestrator.run.errors).
 
 - A worker group that fails with a permanent error (bad data, config, checkpoint, a NaN loss) is not
   restarted: the run fails at once and the driver re-raises the worker's own error, so the CLI's last
@@ -19,7 +19,7 @@ from ray.train.v2._internal.execution.failure_handling import FailureDecision, F
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from orchestrator.run.directory import request_stop
-from orchestrator.run.failures import is_permanent
+from orchestrator.run.errors import is_permanent
 from orchestrator.run.storage import location
 
 
@@ -67,7 +67,7 @@ class SdoTorchTrainer(TorchTrainer):
 
 def worker_error(error: BaseException) -> BaseException:
     """The error a failed fit should surface: a worker group's root cause (permanent first), else ``error``."""
-    from orchestrator.run.failures import root_cause
+    from orchestrator.run.errors import root_cause
 
     if isinstance(error, WorkerGroupError):
         return root_cause(error.worker_failures) or error

@@ -1,8 +1,9 @@
-"""Failure classes of a run: what will recur fails at once; only infrastructure spends ``train.max_failures``.
+"""What can go wrong in a run, by class: what will recur fails at once; only infrastructure spends
+``train.max_failures`` (orchestrator.train.fault_tolerance applies this to Ray Train).
 
 Permanent (a retry meets the same error, so the run fails at once, naming the cause):
-- bad input: ValueError and its kin (config, data, json, an index that lies, a checkpoint that does not
-  load), LookupError, TypeError, files that are missing or unreadable (FileNotFoundError,
+- bad input: ValueError and its kin (config, data — pipelines.errors.DataError —, json, an index that
+  lies, a checkpoint that does not load), LookupError, TypeError, files that are missing or unreadable (FileNotFoundError,
   PermissionError, IsADirectoryError, NotADirectoryError) -> exit 2 at the CLI;
 - a diverged run: FloatingPointError (a NaN / inf loss, named by epoch and step) -> exit 1.
 
@@ -23,10 +24,6 @@ PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, No
 
 class PermanentError(Exception):
     """Base of sdo's own errors that will recur on retry."""
-
-
-class DataError(PermanentError, ValueError):
-    """Shards, an index or a sample that cannot be used; the message names the shard and the sample."""
 
 
 class CheckpointError(PermanentError, ValueError):

@@ -1,7 +1,8 @@
 """``--cluster`` -> where a training runs: embedded local Ray, an existing cluster (Ray Jobs API), or KubeRay.
 
-Only ``--cluster`` changes between them; every path ends in :func:`orchestrator.train.driver.run_training`
+Only ``--cluster`` changes between them; every path ends in :func:`orchestrator.cluster.local.train_local`
 running next to a Ray head (here, on the cluster's head as a Ray Job, or in a RayJob's submitter pod).
+`sdo sweep` dispatches the same way (orchestrator.sweep.tuner.sweep_on).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.cluster.jobs import submit_job
-from orchestrator.cluster.local import launch_local
+from orchestrator.cluster.local import train_local
 from orchestrator.config import Config, cluster_kind, dump_yaml
 from orchestrator.run.directory import check_name
 
@@ -22,12 +23,12 @@ def checked_cluster_kind(address: str) -> str:
     return kind
 
 
-def launch(cfg: Config, *, cluster: str | None = None, name: str, resume: bool = False,
-           dry_run: bool = False, echo: Callable[[str], None] = print) -> dict | int:
+def train_on(cfg: Config, *, cluster: str | None = None, name: str, resume: bool = False,
+             dry_run: bool = False, echo: Callable[[str], None] = print) -> dict | int:
     """Run a training where ``cluster`` (default ``cfg.cluster.address``) says.
 
     local -> the result summary dict of :func:`orchestrator.train.driver.run_training`; http(s) -> 0 once the Ray
-    Job succeeded (raises otherwise); *.yaml -> the exit status of the KubeRay launcher.
+    Job succeeded (raises otherwise); *.yaml -> the exit status of the RayJob (orchestrator.cluster.kuberay.rayjob).
     """
     check_name(name)
     address = cluster or cfg.cluster.address
@@ -37,9 +38,9 @@ def launch(cfg: Config, *, cluster: str | None = None, name: str, resume: bool =
         if dry_run:
             echo(dump_yaml(cfg))
             return 0
-        return launch_local(cfg, name=name, resume=resume, echo=echo)
+        return train_local(cfg, name=name, resume=resume, echo=echo)
     if kind == "ray-jobs":
         return submit_job(cfg, address=address, name=name, resume=resume, dry_run=dry_run, echo=echo)
-    from orchestrator.cluster.kuberay.launcher import launch_on_kubernetes
+    from orchestrator.cluster.kuberay.rayjob import submit_rayjob
 
-    return launch_on_kubernetes(cfg, address, name=name, command="launch", dry_run=dry_run, resume=resume)
+    return submit_rayjob(cfg, address, name=name, command="launch", dry_run=dry_run, resume=resume)
