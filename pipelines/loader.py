@@ -349,7 +349,7 @@ class ShardLoader:
 
     def __init__(self, source, *, train: bool, batch_size: int, num_workers: int = 0, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, scales=DEFAULT_SCALES,
-                 max_size: int = 1333, val_scale: int = 800, random_crop: bool = True):
+                 max_size: int = 1333, val_scale: int = 800, random_crop: bool = True, pin_memory: bool = False):
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                  ("world_size", world_size, 1), ("shuffle_buffer", shuffle_buffer, 0)):
             if not isinstance(value, int) or value < low:
@@ -361,7 +361,7 @@ class ShardLoader:
             raise DataError(f"shard index of {source} lists no shards")
         self.source, self.train, self.batch_size = str(source), train, batch_size
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.seed, self.shuffle_buffer, self.pin_memory = seed, shuffle_buffer, pin_memory
         self.transforms = make_transforms(train, scales=tuple(scales), max_size=max_size, val_scale=val_scale,
                                           random_crop=random_crop)
         self.epoch = 0
@@ -412,7 +412,8 @@ class ShardLoader:
         # its own generator: drawing the workers' base seed from the global RNG would shift the dropout
         # draws of a run resumed mid-epoch (the iterator is created at a different point of the stream)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+                            generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch),
+                            pin_memory=self.pin_memory)
         latest = {}
         self._records, self._stats_epoch = [], Counter()
         self._expected = sum(plan.num_samples for plan in plans[self.rank])
@@ -446,13 +447,15 @@ def check_skip_budget(counts: dict, max_fraction: float, what: str) -> None:
 
 def make_loader(source, *, train: bool, batch_size: int, num_workers: int = 0, rank: int = 0,
                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, scales=DEFAULT_SCALES,
-                max_size: int = 1333, val_scale: int = 800, random_crop: bool = True) -> ShardLoader:
+                max_size: int = 1333, val_scale: int = 800, random_crop: bool = True,
+                pin_memory: bool = False) -> ShardLoader:
     """A ShardLoader over `source` (shard dir with index.json, index.json path/URL, or brace pattern).
 
     train: augmentations (flip, multi-scale resize, random-size crop when `random_crop`), shard and
     sample shuffling, a fixed number of full batches per epoch; else resize to `val_scale`, every
-    sample exactly once across ranks (padded batches, see module docstring).
+    sample exactly once across ranks (padded batches, see module docstring). `pin_memory`: batches in
+    page-locked memory, so that copies to a GPU run asynchronously.
     """
     return ShardLoader(source, train=train, batch_size=batch_size, num_workers=num_workers, rank=rank,
                        world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, scales=scales,
-                       max_size=max_size, val_scale=val_scale, random_crop=random_crop)
+                       max_size=max_size, val_scale=val_scale, random_crop=random_crop, pin_memory=pin_memory)

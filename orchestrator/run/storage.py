@@ -152,8 +152,9 @@ class RemotePath:
     def read_bytes(self) -> bytes:
         fs, path = self.filesystem
         try:
-            with fs.open_input_stream(path) as stream:
-                return stream.read()
+            # one ranged GET of the whole object; a stream's read() asks for it ~256 KiB at a time
+            with fs.open_input_file(path) as file:
+                return file.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"no such object: {self}") from None
 

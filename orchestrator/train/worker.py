@@ -67,14 +67,15 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-        d = cfg.data
+        d, pinned = cfg.data, self.device.type == "cuda"
         self.train_loader = make_loader(d.train_shards, train=True, batch_size=d.batch_size, num_workers=d.num_workers,
                                         rank=self.rank, world_size=self.world_size, seed=cfg.train.seed,
                                         shuffle_buffer=d.shuffle_buffer, scales=tuple(d.train_scales),
-                                        max_size=d.max_size, val_scale=d.val_scale, random_crop=d.random_crop)
+                                        max_size=d.max_size, val_scale=d.val_scale, random_crop=d.random_crop,
+                                        pin_memory=pinned)
         self.val_loader = make_loader(d.val_shards, train=False, batch_size=d.batch_size, num_workers=d.num_workers,
                                       rank=self.rank, world_size=self.world_size, seed=cfg.train.seed,
-                                      shuffle_buffer=0, max_size=d.max_size, val_scale=d.val_scale)
+                                      shuffle_buffer=0, max_size=d.max_size, val_scale=d.val_scale, pin_memory=pinned)
         self.steps_per_epoch = len(self.train_loader)
         if cfg.train.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
-from train_helpers import tiny_config
+from train_helpers import make_shards, tiny_config
 
 from orchestrator.config import set_value, validate
 from orchestrator.sweep.tuner import run_sweep
@@ -22,7 +22,7 @@ from orchestrator.sweep.tuner import run_sweep
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("asha")
-    shards = {"train": root / "no-shards" / "train", "val": root / "no-shards" / "val"}  # the toy reads no data
+    shards = make_shards(root, num_train=2, num_val=1, size=32)  # the toy reads none, but a sweep checks them once
     _, cfg = tiny_config(root / "tiny.yaml", shards, root / "runs")
     set_value(cfg, "sweep.space", {"loss.cls_coef": {"grid": [4.0, 3.0, 2.0, 1.0]}})
     for key, value in {"max_concurrent": 1, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2,
