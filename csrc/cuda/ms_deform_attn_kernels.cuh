@@ -212,6 +212,25 @@ __device__ __forceinline__ index_t level_base(const LevelSpec<index_t>& level, i
   return ((b * d.S + level.start) * d.H + h) * d.D;
 }
 
+// How the lanes of a warp walk over the items: grid-stride over warps, so the loop bounds are uniform
+// per warp (every lane reaches the backward's shuffles).
+template <typename index_t>
+struct WarpItems {
+  int group, sub, slot;  // lanes per item, lane within its item, item within the warp
+  index_t items, per_warp, first_warp, warp_stride;
+
+  __device__ __forceinline__ WarpItems(const Shape<index_t>& d, Layout layout) {
+    const int lane = threadIdx.x & 31;
+    group = 1 << layout.log2_group;
+    sub = lane & (group - 1);
+    slot = lane >> layout.log2_group;
+    items = d.B * d.Q * d.H;
+    per_warp = 32 >> layout.log2_group;
+    first_warp = (static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+    warp_stride = static_cast<index_t>(gridDim.x) * (kThreads / 32);
+  }
+};
+
 // ---- forward -----------------------------------------------------------------------------------
 // kOneChunk: D <= G * V, every lane owns at most one vector of channels (the fast path); else the
 // lanes stride over channel chunks.
@@ -223,23 +242,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
                                                            const acc_t* __restrict__ attn,
                                                            scalar_t* __restrict__ out, Shape<index_t> d,
                                                            Layout layout) {
-  const int lane = threadIdx.x & 31;
-  const int group = 1 << layout.log2_group;
-  const int sub = lane & (group - 1);
-  const index_t items = d.B * d.Q * d.H;
-  const index_t items_per_warp = 32 >> layout.log2_group;
+  const WarpItems<index_t> w(d, layout);
   const index_t token_stride = d.H * d.D;
   const index_t points = d.L * d.P;
-  const index_t warp_stride = static_cast<index_t>(gridDim.x) * (kThreads / 32);
   const LevelSpec<index_t>* levels = stage_levels(shapes, starts, d);
-  for (index_t warp = (static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; warp * items_per_warp < items;
-       warp += warp_stride) {
-    const index_t item = warp * items_per_warp + (lane >> layout.log2_group);
-    if (item >= items) continue;  // no shuffles in the forward: lanes may leave
+  for (index_t warp = w.first_warp; warp * w.per_warp < w.items; warp += w.warp_stride) {
+    const index_t item = warp * w.per_warp + w.slot;
+    if (item >= w.items) continue;  // no shuffles in the forward: lanes may leave
     const Item<index_t> it = decode_item(item, d, layout.heads_inner);
     const acc_t* item_loc = loc + it.bqh * points * 2;
     const acc_t* item_attn = attn + it.bqh * points;
-    for (index_t c0 = static_cast<index_t>(sub) * V; c0 < d.D; c0 += static_cast<index_t>(group) * V) {
+    for (index_t c0 = static_cast<index_t>(w.sub) * V; c0 < d.D; c0 += static_cast<index_t>(w.group) * V) {
       acc_t acc[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[j] = 0;
@@ -322,26 +335,19 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const scalar_t* __re
                                                             acc_t* __restrict__ grad_loc,
                                                             acc_t* __restrict__ grad_attn, Shape<index_t> d,
                                                             Layout layout) {
-  const int lane = threadIdx.x & 31;
-  const int group = 1 << layout.log2_group;
-  const int sub = lane & (group - 1);
-  const index_t items = d.B * d.Q * d.H;
-  const index_t items_per_warp = 32 >> layout.log2_group;
+  const WarpItems<index_t> w(d, layout);
   const index_t token_stride = d.H * d.D;
   const index_t points = d.L * d.P;
-  const index_t chunk_stride = static_cast<index_t>(group) * V;
-  const index_t warp_stride = static_cast<index_t>(gridDim.x) * (kThreads / 32);
+  const index_t chunk_stride = static_cast<index_t>(w.group) * V;
   const LevelSpec<index_t>* levels = stage_levels(shapes, starts, d);
-  // The loop bounds are uniform per warp, so every lane reaches the shuffles.
-  for (index_t warp = (static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; warp * items_per_warp < items;
-       warp += warp_stride) {
-    const index_t raw_item = warp * items_per_warp + (lane >> layout.log2_group);
-    const bool active = raw_item < items;  // inactive lanes compute on the last item, write nothing
-    const Item<index_t> it = decode_item(active ? raw_item : items - 1, d, layout.heads_inner);
+  for (index_t warp = w.first_warp; warp * w.per_warp < w.items; warp += w.warp_stride) {
+    const index_t raw_item = warp * w.per_warp + w.slot;
+    const bool active = raw_item < w.items;  // inactive lanes compute on the last item, write nothing
+    const Item<index_t> it = decode_item(active ? raw_item : w.items - 1, d, layout.heads_inner);
     const acc_t* item_loc = loc + it.bqh * points * 2;
     const acc_t* item_attn = attn + it.bqh * points;
     const scalar_t* item_grad = grad_out + it.bqh * d.D;
-    const index_t first_c = static_cast<index_t>(sub) * V;
+    const index_t first_c = static_cast<index_t>(w.sub) * V;
     acc_t g[V];  // grad_out of this lane's channels (the one chunk on the fast path)
     if (kOneChunk) load_grad_chunk<scalar_t, acc_t, V>(item_grad, first_c, active && first_c < d.D, g);
     for (index_t l = 0; l < d.L; ++l) {
@@ -373,10 +379,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const scalar_t* __re
           g_w = c.hh * (dot[1] - dot[0]) + c.lh * (dot[3] - dot[2]);
           g_h = c.hw * (dot[2] - dot[0]) + c.lw * (dot[3] - dot[1]);
         }
-        g_attn = group_sum(g_attn, group);
-        g_w = group_sum(g_w, group);
-        g_h = group_sum(g_h, group);
-        if (active && sub == 0) {
+        g_attn = group_sum(g_attn, w.group);
+        g_w = group_sum(g_w, w.group);
+        g_h = group_sum(g_h, w.group);
+        if (active && w.sub == 0) {
           const index_t out_point = it.bqh * points + point;
           grad_attn[out_point] = g_attn;
           grad_loc[2 * out_point] = static_cast<acc_t>(level.width) * g_w * a;
