@@ -23,10 +23,12 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../ms_deform_attn.h"
 #include "ms_deform_attn_kernels.cuh"
@@ -61,10 +63,19 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "ms_deform_attn: ", what, " failed: ", cudaGetErrorString(err));
 }
 
+// Read once per process, before any CUDA graph capture can be running.
 int compute_capability_major(int device) {
-  int major = 0;
-  check_launch(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-  return major;
+  static std::once_flag once;
+  static std::vector<int> majors;
+  std::call_once(once, [] {
+    int count = 0;
+    check_launch(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+    majors.assign(count, 0);
+    for (int i = 0; i < count; ++i) {
+      check_launch(cudaDeviceGetAttribute(&majors[i], cudaDevAttrComputeCapabilityMajor, i), "cudaDeviceGetAttribute");
+    }
+  });
+  return majors.at(device);
 }
 
 struct Tuning {
