@@ -7,10 +7,13 @@
 // captured in a CUDA graph and does not stall the stream.
 //
 // SDO_MSDA_CUDA (read at every call; for benchmarks) tunes the kernels, e.g.
-// "forward_inner=queries,backward_inner=heads,half_grad=native":
+// "forward_inner=queries,backward_inner=heads,points_split=auto,half_grad=native":
 //   forward_inner / backward_inner = queries | heads: which index of (query, head) varies fastest
 //     between the items of a warp (queries: the dense encoder's neighbouring pixels share cache
 //     lines; heads: atomics of one warp land on different rows). Defaults: queries / heads.
+//   points_split = auto | 1 | 2 | 4 | ...: lane groups sharing one (query, head), each taking some
+//     of its points (auto: more of them when there are few queries; capped so that it divides the
+//     points per level and fits a warp).
 //   half_grad = native | float32: for float16 / bfloat16 on sm_90+, accumulate grad_value in its
 //     own dtype with paired atomics (native, the default; as grid_sample's backward does) or in a
 //     float32 buffer cast at the end (float32; always used before sm_90).
@@ -81,6 +84,7 @@ int compute_capability_major(int device) {
 struct Tuning {
   bool forward_heads_inner = false;
   bool backward_heads_inner = true;
+  int points_split = 0;  // 0: automatic
   bool half_grad_native = true;
 };
 
@@ -96,11 +100,15 @@ Tuning read_tuning() {
     const std::string key = entry.substr(0, eq), value = eq == std::string::npos ? "" : entry.substr(eq + 1);
     if ((key == "forward_inner" || key == "backward_inner") && (value == "queries" || value == "heads")) {
       (key == "forward_inner" ? tuning.forward_heads_inner : tuning.backward_heads_inner) = value == "heads";
+    } else if (key == "points_split" && (value == "auto" || value == "1" || value == "2" || value == "4" ||
+                                         value == "8" || value == "16" || value == "32")) {
+      tuning.points_split = value == "auto" ? 0 : std::stoi(value);
     } else if (key == "half_grad" && (value == "native" || value == "float32")) {
       tuning.half_grad_native = value == "native";
     } else {
       sdo::throw_value_error("SDO_MSDA_CUDA: unknown setting '" + entry +
-                             "' (forward_inner|backward_inner=queries|heads, half_grad=native|float32)");
+                             "' (forward_inner|backward_inner=queries|heads, points_split=auto|1|2|4|..|32, "
+                             "half_grad=native|float32)");
     }
   }
   return tuning;
@@ -130,7 +138,7 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
                      cuda_ptr<scalar_t>(in.value), in.spatial_shapes.const_data_ptr<int64_t>(),
                      in.level_start_index.const_data_ptr<int64_t>(), in.sampling_loc.const_data_ptr<acc_t>(),
                      in.attn_weight.const_data_ptr<acc_t>(), cuda_mut_ptr<scalar_t>(output), d,
-                     tuning.forward_heads_inner, stream),
+                     tuning.forward_heads_inner, tuning.points_split, stream),
                  "forward kernel");
   });
   return output;
@@ -162,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                        in.spatial_shapes.const_data_ptr<int64_t>(), in.level_start_index.const_data_ptr<int64_t>(),
                        in.sampling_loc.const_data_ptr<acc_t>(), in.attn_weight.const_data_ptr<acc_t>(),
                        grad_value_ptr, grad_loc.mutable_data_ptr<acc_t>(), grad_attn.mutable_data_ptr<acc_t>(), d,
-                       tuning.backward_heads_inner, stream),
+                       tuning.backward_heads_inner, tuning.points_split, stream),
                    "backward kernel");
     };
     if constexpr (std::is_same_v<cuda_t, acc_t>) {

@@ -13,7 +13,9 @@
 // holds 32 / G items. With D = 32 in float32, G = 8: four queries per warp, each value row (one
 // corner, one head: 128 bytes) read by one 16-byte load per lane. Every lane of a group computes the
 // same bilinear corners (cheaper than sharing them through shuffles). The backward reduces the
-// location / weight gradients over the G lanes with xor shuffles.
+// location / weight gradients over the G lanes with xor shuffles. Small problems give each item K
+// groups ("slices") that split its points: the forward sums the slices' outputs with shuffles, the
+// backward needs nothing more (every point is still owned by one group).
 //
 // Levels whose extent does not fit in S (or with a non-positive size) are treated as empty: the
 // CUDA path does not read spatial_shapes on the host (no device-to-host copy, no sync, capturable
@@ -150,11 +152,14 @@ struct Shape {
   index_t B, S, H, D, Q, L, P;
 };
 
-// How lanes map to items: G = 1 << log2_group lanes per item; items ordered (b, q, h) with
+// How lanes map to items: G = 1 << log2_group lanes per item and slice; items ordered (b, q, h) with
 // heads_inner, else (b, h, q) (neighbouring queries of one head in one warp: for the dense encoder,
 // whose queries are pixels in raster order, their samples overlap, which the L1 cache exploits).
+// K = 1 << log2_split groups ("slices") share one item and split its points (K divides P): small
+// problems (the decoder's 300 queries) then keep K times more lanes busy.
 struct Layout {
   int log2_group;
+  int log2_split;
   bool heads_inner;
 };
 
@@ -214,26 +219,29 @@ __device__ __forceinline__ index_t level_base(const LevelSpec<index_t>& level, i
 
 // How the lanes of a warp walk over the items: grid-stride over warps, so the loop bounds are uniform
 // per warp (every lane reaches the backward's shuffles).
+// Lane bits, low to high: sub (channel vector within the group), slice, slot (item within the warp).
 template <typename index_t>
 struct WarpItems {
-  int group, sub, slot;  // lanes per item, lane within its item, item within the warp
+  int group, sub, slices, slice, slot;
   index_t items, per_warp, first_warp, warp_stride;
 
   __device__ __forceinline__ WarpItems(const Shape<index_t>& d, Layout layout) {
     const int lane = threadIdx.x & 31;
     group = 1 << layout.log2_group;
     sub = lane & (group - 1);
-    slot = lane >> layout.log2_group;
+    slices = 1 << layout.log2_split;
+    slice = (lane >> layout.log2_group) & (slices - 1);
+    slot = lane >> (layout.log2_group + layout.log2_split);
     items = d.B * d.Q * d.H;
-    per_warp = 32 >> layout.log2_group;
+    per_warp = 32 >> (layout.log2_group + layout.log2_split);
     first_warp = (static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
     warp_stride = static_cast<index_t>(gridDim.x) * (kThreads / 32);
   }
 };
 
 // ---- forward -----------------------------------------------------------------------------------
-// kOneChunk: D <= G * V, every lane owns at most one vector of channels (the fast path); else the
-// lanes stride over channel chunks.
+// kOneChunk: D <= G * V, every lane owns at most one vector of channels (the fast path, which may
+// split points over slices); else one slice, the lanes stride over channel chunks.
 template <typename scalar_t, typename acc_t, int V, bool kOneChunk, typename index_t>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __restrict__ value,
                                                            const int64_t* __restrict__ shapes,
@@ -247,21 +255,23 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
   const index_t points = d.L * d.P;
   const LevelSpec<index_t>* levels = stage_levels(shapes, starts, d);
   for (index_t warp = w.first_warp; warp * w.per_warp < w.items; warp += w.warp_stride) {
-    const index_t item = warp * w.per_warp + w.slot;
-    if (item >= w.items) continue;  // no shuffles in the forward: lanes may leave
-    const Item<index_t> it = decode_item(item, d, layout.heads_inner);
+    const index_t raw_item = warp * w.per_warp + w.slot;
+    const bool active = raw_item < w.items;  // inactive lanes join the slice sum, write nothing
+    const Item<index_t> it = decode_item(active ? raw_item : w.items - 1, d, layout.heads_inner);
     const acc_t* item_loc = loc + it.bqh * points * 2;
     const acc_t* item_attn = attn + it.bqh * points;
-    for (index_t c0 = static_cast<index_t>(w.sub) * V; c0 < d.D; c0 += static_cast<index_t>(w.group) * V) {
+    for (index_t c0 = static_cast<index_t>(w.sub) * V;; c0 += static_cast<index_t>(w.group) * V) {
+      const bool lane_on = active && c0 < d.D;
+      if (!kOneChunk && !lane_on) break;  // one slice here: no shuffles, lanes may leave
       acc_t acc[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[j] = 0;
-      for (index_t l = 0; l < d.L; ++l) {
+      for (index_t l = 0; lane_on && l < d.L; ++l) {
         const LevelSpec<index_t> level = levels[l];
         if (!level.ok) continue;
         const scalar_t* level_value = value + level_base(level, it.b, it.h, d) + c0;
 #pragma unroll 4
-        for (index_t p = 0; p < d.P; ++p) {
+        for (index_t p = w.slice; p < d.P; p += w.slices) {
           const index_t point = l * d.P + p;
           const auto c = bilinear_corners<acc_t, index_t>(item_loc[2 * point], item_loc[2 * point + 1], level.height,
                                                           level.width, token_stride);
@@ -271,16 +281,24 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
           for (int k = 0; k < 4; ++k) {
             if (c.offset[k] < 0) continue;
             const Pack<scalar_t, V> v = load_pack<scalar_t, V>(level_value + c.offset[k]);
-            const acc_t w = a * c.weight[k];
+            const acc_t weight = a * c.weight[k];
 #pragma unroll
-            for (int j = 0; j < V; ++j) acc[j] += w * to_acc(v.v[j]);
+            for (int j = 0; j < V; ++j) acc[j] += weight * to_acc(v.v[j]);
           }
         }
       }
-      Pack<scalar_t, V> o;
+      if (kOneChunk) {  // every lane is here once: sum the slices' partial outputs
+        for (int offset = w.group; offset < w.group * w.slices; offset *= 2) {
 #pragma unroll
-      for (int j = 0; j < V; ++j) o.v[j] = from_acc<scalar_t>(acc[j]);
-      store_pack<scalar_t, V>(out + it.bqh * d.D + c0, o);
+          for (int j = 0; j < V; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], offset);
+        }
+      }
+      if (lane_on && w.slice == 0) {
+        Pack<scalar_t, V> o;
+#pragma unroll
+        for (int j = 0; j < V; ++j) o.v[j] = from_acc<scalar_t>(acc[j]);
+        store_pack<scalar_t, V>(out + it.bqh * d.D + c0, o);
+      }
       if (kOneChunk) break;
     }
   }
@@ -353,7 +371,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const scalar_t* __re
     for (index_t l = 0; l < d.L; ++l) {
       const LevelSpec<index_t> level = levels[l];
       const index_t base = level_base(level, it.b, it.h, d);
-      for (index_t p = 0; p < d.P; ++p) {
+      for (index_t p = w.slice; p < d.P; p += w.slices) {  // the same trip count on every lane (K divides P)
         const index_t point = l * d.P + p;
         const auto c = bilinear_corners<acc_t, index_t>(item_loc[2 * point], item_loc[2 * point + 1], level.height,
                                                         level.width, token_stride);
@@ -419,19 +437,33 @@ struct Plan {
 };
 
 // vec_ok: D is a multiple of the vector width and every pointer that is read or written with
-// vectors is aligned to it (the caller checks the pointers).
-inline Plan make_plan(const Dims& d, int vector, bool vec_ok, bool heads_inner) {
+// vectors is aligned to it (the caller checks the pointers). split: slices per item, 0 = automatic
+// (enough lanes for about two waves of a large GPU); always a power of two that divides P, with
+// G * K <= 32, and 1 on the scalar path.
+inline Plan make_plan(const Dims& d, int vector, bool vec_ok, bool heads_inner, int split = 0) {
   Plan plan;
   const bool vectors = vec_ok && d.D % vector == 0 && d.D / vector <= 32;
   plan.vec = vectors ? vector : 1;
   const int64_t lanes_needed = (d.D + plan.vec - 1) / plan.vec;
   plan.layout.log2_group = log2_ceil(lanes_needed < 32 ? lanes_needed : 32);
   plan.layout.heads_inner = heads_inner;
+  const int64_t items = d.B * d.Q * d.H;
+  int log2_split = 0;
+  if (vectors) {
+    const int64_t lanes = items << plan.layout.log2_group;
+    constexpr int64_t kWantedLanes = int64_t(1) << 19;
+    auto fits = [&](int k) { return plan.layout.log2_group + k <= 5 && d.P % (int64_t(1) << k) == 0; };
+    if (split > 0) {
+      while ((2 << log2_split) <= split && fits(log2_split + 1)) ++log2_split;
+    } else {
+      while (fits(log2_split + 1) && (lanes << (log2_split + 1)) <= kWantedLanes) ++log2_split;
+    }
+  }
+  plan.layout.log2_split = log2_split;
   const int64_t limit = int64_t(1) << 31;
   const int64_t value_numel = d.B * d.S * d.H * d.D;
   const int64_t loc_numel = d.B * d.Q * d.H * d.L * d.P * 2;
   const int64_t out_numel = d.B * d.Q * d.H * d.D;
-  const int64_t items = d.B * d.Q * d.H;
   // 32-bit indexing: every offset below 2^31, with room for the item counter to run one grid of
   // warps (<= 2^28 lanes, see grid_for) past the last item. The scalar path always uses 64 bits.
   plan.index32 = plan.vec > 1 && value_numel < limit && loc_numel < limit && out_numel < limit &&
@@ -450,21 +482,23 @@ inline size_t level_bytes(const Dims& d, const Plan& plan) {
 }
 
 inline unsigned int grid_for(const Dims& d, const Plan& plan) {
-  const int64_t warps = (d.B * d.Q * d.H + (32 >> plan.layout.log2_group) - 1) / (32 >> plan.layout.log2_group);
+  const int64_t per_warp = 32 >> (plan.layout.log2_group + plan.layout.log2_split);
+  const int64_t warps = (d.B * d.Q * d.H + per_warp - 1) / per_warp;
   const int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
   const int64_t cap = int64_t(1) << 20;  // grid-stride loops cover the rest
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
-// Host launchers (device pointers; shapes/starts live on the device). heads_inner: item order, see
-// Layout (a tuning knob: the dense encoder prefers queries inner).
+// Host launchers (device pointers; shapes/starts live on the device). heads_inner: item order;
+// split: slices per item, 0 = automatic (see Layout and make_plan; both are tuning knobs).
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_forward(const scalar_t* value, const int64_t* shapes, const int64_t* starts, const acc_t* loc,
-                           const acc_t* attn, scalar_t* out, Dims d, bool heads_inner, cudaStream_t stream) {
+                           const acc_t* attn, scalar_t* out, Dims d, bool heads_inner, int split,
+                           cudaStream_t stream) {
   if (d.B * d.Q * d.H * d.D == 0) return cudaSuccess;
   constexpr int kVec = vector_width<scalar_t>();
   const int bytes = kVec * static_cast<int>(sizeof(scalar_t));
-  const Plan plan = make_plan(d, kVec, aligned(value, bytes) && aligned(out, bytes), heads_inner);
+  const Plan plan = make_plan(d, kVec, aligned(value, bytes) && aligned(out, bytes), heads_inner, split);
   const unsigned int grid = grid_for(d, plan);
   const size_t smem = level_bytes(d, plan);
   if (plan.vec == kVec && plan.index32) {
@@ -495,14 +529,15 @@ bool half_accumulation_possible(const Dims& d, const void* value, const void* gr
 template <typename scalar_t, typename acc_t, typename grad_t>
 cudaError_t launch_backward(const scalar_t* grad_out, const scalar_t* value, const int64_t* shapes,
                             const int64_t* starts, const acc_t* loc, const acc_t* attn, grad_t* grad_value,
-                            acc_t* grad_loc, acc_t* grad_attn, Dims d, bool heads_inner, cudaStream_t stream) {
+                            acc_t* grad_loc, acc_t* grad_attn, Dims d, bool heads_inner, int split,
+                            cudaStream_t stream) {
   if (d.B * d.Q * d.H == 0) return cudaSuccess;
   constexpr int kVec = vector_width<scalar_t>();
   constexpr bool kHalfGrad = sizeof(grad_t) == 2;
   const int bytes = kVec * static_cast<int>(sizeof(scalar_t));
   const bool vec_ok = aligned(value, bytes) && aligned(grad_out, bytes) &&
                       aligned(grad_value, kVec * static_cast<int>(sizeof(grad_t)));
-  const Plan plan = make_plan(d, kVec, vec_ok, heads_inner);
+  const Plan plan = make_plan(d, kVec, vec_ok, heads_inner, split);
   const unsigned int grid = grid_for(d, plan);
   const size_t smem = level_bytes(d, plan);
   if constexpr (kHalfGrad) {

@@ -1,10 +1,11 @@
 """CUDA kernels against float64 references (run only where a GPU and the CUDA build are present).
 
 Every kernel instance is reached: each dtype; head_dim a multiple of the 16-byte vector (32, 64, 8:
-vector path, one to 16 lanes per item) or not (5, 40 in 16-bit: scalar path, lanes striding over
-channels; 40 in float32: vector path with idle lanes); 32-bit and 64-bit indices; both item orders and
-both grad_value accumulations of the 16-bit types (SDO_MSDA_CUDA); misaligned and non-contiguous
-inputs; points outside the levels and on their borders; levels that do not fit in value.
+vector path, 1 to 16 lanes per item; 40: vector path with idle lanes) or not (5: scalar path, one
+channel per lane; 66: scalar path, lanes striding over channel chunks); 32-bit and 64-bit indices;
+both item orders, points split over lane groups (automatic for the small cases here, forced in the
+tuning test) and both grad_value accumulations of the 16-bit types (SDO_MSDA_CUDA); misaligned and
+non-contiguous inputs; points outside the levels and on their borders; levels that do not fit in value.
 """
 import pytest
 import torch
@@ -59,7 +60,7 @@ TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.f
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [32, 64, 8, 5, 40])
+@pytest.mark.parametrize("head_dim", [32, 64, 8, 5, 40, 66])
 def test_cuda_matches_float64_reference(cuda_op, dtype, head_dim):
     inputs = make_inputs(batch=2, n_heads=3, head_dim=head_dim, shapes=((9, 13), (5, 7), (2, 3)), len_q=37,
                          n_points=3, spread=0.2, padded=True, dtype=torch.float32, seed=head_dim, device=DEVICE)
@@ -86,26 +87,32 @@ def test_cuda_matches_cpu_native(cuda_op):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_item_orders_and_grad_accumulations_agree(cuda_op, dtype, monkeypatch):
+def test_cuda_tuning_settings_agree(cuda_op, dtype, monkeypatch):
+    # Item orders, points split over 1 / 2 / 4 lane groups, both grad_value accumulations.
     inputs = make_inputs(batch=2, n_heads=4, head_dim=32, shapes=((12, 10), (6, 5)), len_q=30, n_points=4,
                          spread=0.1, dtype=torch.float32, seed=7, device=DEVICE)
     inputs[0] = inputs[0].to(dtype)
     grad_output = torch.randn(2, 30, 128, device=DEVICE).to(dtype)
     results = {}
-    for setting in ("forward_inner=queries,backward_inner=queries,half_grad=native",
-                    "forward_inner=heads,backward_inner=heads,half_grad=native",
-                    "forward_inner=heads,backward_inner=queries,half_grad=float32"):
+    for setting in ("forward_inner=queries,backward_inner=queries,points_split=1,half_grad=native",
+                    "forward_inner=heads,backward_inner=heads,points_split=1,half_grad=native",
+                    "forward_inner=heads,backward_inner=queries,points_split=4,half_grad=float32",
+                    "points_split=2", "points_split=auto"):
         monkeypatch.setenv("SDO_MSDA_CUDA", setting)
         results[setting] = forward_and_grads(cuda_op, inputs, grad_output)
-    (out0, grads0), *others = results.values()
-    for out, grads in others:
-        assert torch.equal(out, out0)  # every output element is summed in the same order
+    (out0, grads0), (out1, _), *_ = results.values()
+    assert torch.equal(out1, out0)  # one slice: every output element is summed in the same order
+    out_tolerance, grad_tolerance = TOLERANCE[dtype]
+    for out, grads in [results[s] for s in list(results)[1:]]:
+        assert _max_rel(out, out0) <= out_tolerance / 10  # slices add partial sums in another order
+        # Each point belongs to one lane group whatever the setting: the same location / weight gradients.
         assert torch.equal(grads[1], grads0[1]) and torch.equal(grads[2], grads0[2])
-        assert _max_rel(grads[0], grads0[0]) <= (1e-6 if dtype == torch.float32 else TOLERANCE[dtype][1])
+        assert _max_rel(grads[0], grads0[0]) <= (1e-6 if dtype == torch.float32 else grad_tolerance)
 
 
-def test_cuda_rejects_unknown_tuning(cuda_op, monkeypatch):
-    monkeypatch.setenv("SDO_MSDA_CUDA", "forward_inner=diagonal")
+@pytest.mark.parametrize("setting", ["forward_inner=diagonal", "points_split=3", "half_grad=float8"])
+def test_cuda_rejects_unknown_tuning(cuda_op, monkeypatch, setting):
+    monkeypatch.setenv("SDO_MSDA_CUDA", setting)
     inputs = make_inputs(dtype=torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="SDO_MSDA_CUDA"):
         cuda_op(*inputs, 64)

@@ -35,14 +35,14 @@ def _instantiations() -> str:
     lines = [f'#include "{KERNELS.as_posix()}"', "namespace sdo { namespace cuda {"]
     for scalar, acc in dict.fromkeys((scalar, acc) for scalar, acc, _ in TYPES):
         lines.append(f"template cudaError_t launch_forward<{scalar}, {acc}>(const {scalar}*, const int64_t*,"
-                     f" const int64_t*, const {acc}*, const {acc}*, {scalar}*, Dims, bool, cudaStream_t);")
+                     f" const int64_t*, const {acc}*, const {acc}*, {scalar}*, Dims, bool, int, cudaStream_t);")
         if scalar != acc:
             lines.append(f"template cudaError_t launch_cast<{scalar}, {acc}>(const {acc}*, {scalar}*, int64_t,"
                          " cudaStream_t);")
     for scalar, acc, grad in TYPES:
         lines.append(f"template cudaError_t launch_backward<{scalar}, {acc}, {grad}>(const {scalar}*, const {scalar}*,"
                      f" const int64_t*, const int64_t*, const {acc}*, const {acc}*, {grad}*, {acc}*, {acc}*, Dims,"
-                     " bool, cudaStream_t);")
+                     " bool, int, cudaStream_t);")
     lines.append("}}")
     return "\n".join(lines) + "\n"
 
