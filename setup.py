@@ -87,7 +87,7 @@ def _setup() -> None:
                                         "orchestrator", "orchestrator.*", "sdo_ops"]),
         include_package_data=True,
         install_requires=[
-            "torch>=2.4",
+            "torch>=2.11",  # tested: 2.13 (CPU, CI), 2.11 (CUDA, H200); see README
             "ray[default,train,tune]>=2.50,<3",
             "mlflow>=3.0,<4",
             "webdataset>=0.2.100,<2",

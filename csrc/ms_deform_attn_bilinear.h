@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define SDO_HOST_DEVICE __host__ __device__ __forceinline__
@@ -20,29 +21,46 @@ struct Dims {
 // The four corners of one sampling point, as grid_sample (bilinear, align_corners=False, zero
 // padding) sees them. offset[k]: the corner's token inside its level times token_stride, or -1
 // outside the level; weight[k]: its bilinear weight; lh/lw/hh/hw feed the location gradient.
-template <typename acc_t>
+// index_t: int64_t on the CPU; the CUDA kernels use int32_t where every offset fits.
+template <typename acc_t, typename index_t = int64_t>
 struct Corners {
-  int64_t offset[4];
+  index_t offset[4];
   acc_t weight[4];
   acc_t lh, lw, hh, hw;
   bool any;  // false: the point lies outside the level and contributes nothing
 };
 
+// a * b rounded on its own: nvcc would fuse `a * b - 0.5` into one FMA, and a point exactly on a
+// pixel centre could then fall on the other side of it than on the CPU (same output, other one-sided
+// location gradient).
 template <typename acc_t>
-SDO_HOST_DEVICE Corners<acc_t> bilinear_corners(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
-                                                int64_t token_stride) {
-  Corners<acc_t> c;
-  const acc_t h_im = loc_y * static_cast<acc_t>(height) - acc_t(0.5);
-  const acc_t w_im = loc_x * static_cast<acc_t>(width) - acc_t(0.5);
+SDO_HOST_DEVICE acc_t mul_rounded(acc_t a, acc_t b) {
+#ifdef __CUDA_ARCH__
+  if constexpr (std::is_same<acc_t, float>::value) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
+#else
+  return a * b;
+#endif
+}
+
+template <typename acc_t, typename index_t = int64_t>
+SDO_HOST_DEVICE Corners<acc_t, index_t> bilinear_corners(acc_t loc_x, acc_t loc_y, index_t height, index_t width,
+                                                         index_t token_stride) {
+  Corners<acc_t, index_t> c;
+  const acc_t h_im = mul_rounded(loc_y, static_cast<acc_t>(height)) - acc_t(0.5);
+  const acc_t w_im = mul_rounded(loc_x, static_cast<acc_t>(width)) - acc_t(0.5);
   c.any = h_im > acc_t(-1) && w_im > acc_t(-1) && h_im < static_cast<acc_t>(height) &&
           w_im < static_cast<acc_t>(width);
   if (!c.any) return c;
   // h_im, w_im > -1 here, so truncation + a fix-up is floor (and avoids a libm call without SSE4.1).
-  int64_t h_low = static_cast<int64_t>(h_im);
-  int64_t w_low = static_cast<int64_t>(w_im);
+  index_t h_low = static_cast<index_t>(h_im);
+  index_t w_low = static_cast<index_t>(w_im);
   h_low -= static_cast<acc_t>(h_low) > h_im;
   w_low -= static_cast<acc_t>(w_low) > w_im;
-  const int64_t h_high = h_low + 1, w_high = w_low + 1;
+  const index_t h_high = h_low + 1, w_high = w_low + 1;
   c.lh = h_im - static_cast<acc_t>(h_low);
   c.lw = w_im - static_cast<acc_t>(w_low);
   c.hh = acc_t(1) - c.lh;

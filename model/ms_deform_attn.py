@@ -154,6 +154,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     spatial_shape_list: the (H_l, W_l) of spatial_shapes as Python (or symbolic) ints, when the caller
     has them: the reference then needs no device-to-host read, and exported graphs keep their sizes
     symbolic (see `reference_only`)."""
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     device_type = value.device.type
     if device_type in _state.devices and not _state.reference_only:
         _log_choice(device_type, "native sdo::ms_deform_attn")
@@ -162,6 +163,33 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     _log_choice(device_type, "pure-PyTorch reference (grid_sample)")
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                                     attention_weights, im2col_step, spatial_shape_list)
+
+
+def check_inputs(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> None:
+    """Raises ValueError naming the first argument whose rank, size or dtype does not fit (shapes: module
+    doc). Ranks are checked before any size is read. The native op checks the same in C++ (and, on the
+    CPU, that every level lies inside value); checking here first keeps the message the same for the
+    reference and leaves no bad input to the C++ side."""
+    def fail(name: str, expected: str, tensor: torch.Tensor) -> None:
+        raise ValueError(f"ms_deform_attn: {name} must be {expected}, got shape {tuple(tensor.shape)}"
+                         f" ({tensor.dtype})")
+
+    if value.dim() != 4 or not value.is_floating_point():
+        fail("value", "a floating-point [B, S, n_heads, head_dim] tensor", value)
+    batch, _, n_heads, _ = value.shape
+    if (sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2
+            or not sampling_locations.is_floating_point()
+            or sampling_locations.shape[0] != batch or sampling_locations.shape[2] != n_heads):
+        fail("sampling_locations", f"a floating-point [B={batch}, Len_q, n_heads={n_heads}, L, P, 2] tensor",
+             sampling_locations)
+    if attention_weights.shape != sampling_locations.shape[:-1] or not attention_weights.is_floating_point():
+        fail("attention_weights", f"a floating-point {list(sampling_locations.shape[:-1])} tensor", attention_weights)
+    n_levels = sampling_locations.shape[3]
+    if spatial_shapes.shape != (n_levels, 2) or spatial_shapes.dtype != torch.int64:
+        fail("spatial_shapes", f"an int64 [L={n_levels}, 2] tensor", spatial_shapes)
+    if level_start_index.shape != (n_levels,) or level_start_index.dtype != torch.int64:
+        fail("level_start_index", f"an int64 [L={n_levels}] tensor", level_start_index)
 
 
 def _log_choice(device_type: str, implementation: str) -> None:

@@ -125,6 +125,16 @@ def _forward_backward(fn, inputs, grad_output):
 
 
 def _median_seconds(call, repeat: int, device: str) -> float:
+    if device == "cuda":  # GPU time between two events per call (the host's own timer would add launch gaps)
+        pairs = []
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            pairs.append((start, end))
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in pairs) / 1e3
     times = []
     for _ in range(repeat):
         _sync(device)
@@ -163,9 +173,9 @@ def _peak_memory_mib(cases: list[Case], impl: str) -> list[float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def _cuda_peak_memory_mib(case: Case, impl: str) -> float:
-    inputs = make_inputs(case, "cuda")
-    grad_output = torch.randn(case.batch, case.len_q, case.n_heads * case.head_dim, device="cuda")
+def _cuda_peak_memory_mib(case: Case, impl: str, dtype=torch.float32) -> float:
+    inputs = _with_value_dtype(make_inputs(case, "cuda"), dtype)
+    grad_output = torch.randn(case.batch, case.len_q, case.n_heads * case.head_dim, device="cuda").to(dtype)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -203,11 +213,17 @@ def _probe_main() -> None:
     print(json.dumps({"peak_mib": peaks}))
 
 
-def bench_case(case: Case, device: str, repeat: int) -> dict:
-    inputs = make_inputs(case, device)
+def _with_value_dtype(inputs: list, dtype) -> list:
+    """value in dtype; locations and weights stay float32, as MSDeformAttn computes them."""
+    return [inputs[0].to(dtype), *inputs[1:]]
+
+
+def bench_case(case: Case, device: str, repeat: int, dtype=torch.float32) -> dict:
+    inputs = _with_value_dtype(make_inputs(case, device), dtype)
     grad_output = torch.randn(case.batch, case.len_q, case.n_heads * case.head_dim,
-                              generator=torch.Generator().manual_seed(1)).to(device)
-    result = {**asdict(case), "len_in": case.len_in, "d_model": case.n_heads * case.head_dim}
+                              generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    result = {**asdict(case), "len_in": case.len_in, "d_model": case.n_heads * case.head_dim,
+              "dtype": str(dtype).removeprefix("torch.")}
     last = {}
     for impl, fn in implementations().items():
         with torch.no_grad():
@@ -222,20 +238,31 @@ def bench_case(case: Case, device: str, repeat: int) -> dict:
     return result
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def run(*, quick: bool = False, repeat: int | None = None, memory: bool = True, cuda: bool | None = None,
-        progress: bool = True) -> dict:
-    """Benchmarks every case on CPU (and on CUDA when a GPU and the CUDA kernels are there)."""
-    if not msda.native_available("cpu"):
+        progress: bool = True, device: str = "auto", cuda_dtypes: tuple = ("float32",)) -> dict:
+    """Benchmarks every case on CPU and/or CUDA. device: "auto" (CPU, plus CUDA when a GPU and the CUDA
+    kernels are there; `cuda` True / False insists / refuses), "cpu" or "cuda". On CUDA every case runs
+    in each of cuda_dtypes (value and grad_output in it; the CPU runs float32)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    unknown = [d for d in cuda_dtypes if d not in DTYPES]
+    if unknown or not cuda_dtypes:
+        raise ValueError(f"--dtypes: expected a comma-separated subset of {','.join(DTYPES)}, got {list(cuda_dtypes)}")
+    if device in ("auto", "cpu") and not msda.native_available("cpu"):
         raise RuntimeError("the native op is not built: run `pip install -e .` or `sdo ops build` first")
     repeat = repeat if repeat is not None else (1 if quick else 7)
     if repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {repeat}")
     cases = sparse_detr_cases(QUICK_IMAGE if quick else FULL_IMAGE)
-    devices = ["cpu"]
-    want_cuda = torch.cuda.is_available() and msda.native_available("cuda") if cuda is None else cuda
+    devices = [] if device == "cuda" else ["cpu"]
+    want_cuda = device == "cuda" or (device == "auto" and (torch.cuda.is_available() and msda.native_available("cuda")
+                                                           if cuda is None else cuda))
     if want_cuda:
         if not (torch.cuda.is_available() and msda.native_available("cuda")):
-            raise ValueError("--cuda: no GPU or the op was built without CUDA kernels")
+            raise ValueError("--device cuda: no GPU or the op was built without CUDA kernels")
         devices.append("cuda")
     report = {"benchmark": "ops", "op": "sdo::ms_deform_attn", "dtype": "float32", "quick": quick, "repeat": repeat,
               "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "native_source": msda.native_source(),
@@ -244,28 +271,34 @@ def run(*, quick: bool = False, repeat: int | None = None, memory: bool = True, 
                                 "forward+backward "
                                 f"(peak reset via /proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}); "
                                 "cuda: torch.cuda.max_memory_allocated() growth") if memory else None}
+    if "cuda" in devices:
+        report["cuda_dtypes"] = list(cuda_dtypes)
+        report["cuda_timing"] = "median of CUDA-event times around each call"
     from tqdm import tqdm
 
-    for device in devices:
-        if device == "cuda":
+    for dev in devices:
+        if dev == "cuda":
             report["gpu"] = torch.cuda.get_device_name()
         warmup = Case("warmup", 1, 8, 32, 4, ((6, 8), (3, 4), (2, 2), (1, 1)), 5)
         for fn in implementations().values():
-            _forward_backward(fn, make_inputs(warmup, device), torch.ones(1, 5, 256, device=device))
-        results = [bench_case(case, device, repeat)
-                   for case in tqdm(cases, desc=f"bench ops ({device})", disable=not progress, file=sys.stderr)]
+            _forward_backward(fn, make_inputs(warmup, dev), torch.ones(1, 5, 256, device=dev))
+        dtypes = [DTYPES[d] for d in cuda_dtypes] if dev == "cuda" else [torch.float32]
+        runs = [(case, dtype) for dtype in dtypes for case in cases]
+        results = [bench_case(case, dev, repeat, dtype)
+                   for case, dtype in tqdm(runs, desc=f"bench ops ({dev})", disable=not progress, file=sys.stderr)]
         if memory:
             for impl in implementations():
-                peaks = (_peak_memory_mib(cases, impl) if device == "cpu"
-                         else [_cuda_peak_memory_mib(case, impl) for case in cases])
+                peaks = (_peak_memory_mib(cases, impl) if dev == "cpu"
+                         else [_cuda_peak_memory_mib(case, impl, dtype) for case, dtype in runs])
                 for result, peak in zip(results, peaks):
                     result[impl]["peak_mem_mib"] = round(peak, 2)
             for result in results:
                 result["memory_ratio_native_over_reference"] = round(
                     result["native"]["peak_mem_mib"] / result["reference"]["peak_mem_mib"], 3)
-        report[device] = results
-    speedups = [r["speedup"]["forward_backward"] for r in report["cpu"]]
-    report["goal"] = {"cpu_forward_backward_speedup_at_least": FORWARD_BACKWARD_GOAL,
-                      "min_cpu_forward_backward_speedup": min(speedups),
-                      "met": min(speedups) >= FORWARD_BACKWARD_GOAL}
+        report[dev] = results
+    if "cpu" in report:
+        speedups = [r["speedup"]["forward_backward"] for r in report["cpu"]]
+        report["goal"] = {"cpu_forward_backward_speedup_at_least": FORWARD_BACKWARD_GOAL,
+                          "min_cpu_forward_backward_speedup": min(speedups),
+                          "met": min(speedups) >= FORWARD_BACKWARD_GOAL}
     return report

@@ -95,15 +95,21 @@ def flops_command(height: int, width: int, names: str, backbone: str, out: str |
 @click.option("--quick", is_flag=True, help="Small shapes, one repeat: checks the harness, not the speed.")
 @click.option("--repeat", type=click.IntRange(min=1), default=None, help="Timed runs per measurement (median; default 7: a 2-core machine is noisy).")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory probes (one child process per run).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: the CPU, plus CUDA where a GPU and the CUDA kernels are present.")
+@click.option("--dtypes", default="float32", show_default=True,
+              help="CUDA runs: comma-separated subset of float32,bfloat16,float16 (the CPU runs float32).")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Also write the JSON here.")
-def ops_bench(quick: bool, repeat, no_memory: bool, out) -> None:
+def ops_bench(quick: bool, repeat, no_memory: bool, device: str, dtypes: str, out) -> None:
     """Native ms_deform_attn vs the pure-PyTorch reference at Sparse DETR's shapes (time, peak memory)."""
     import json
     from pathlib import Path
 
     from orchestrator.bench import ops as bench_ops
 
-    text = json.dumps(bench_ops.run(quick=quick, repeat=repeat, memory=not no_memory), indent=2)
+    dtype_list = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    text = json.dumps(bench_ops.run(quick=quick, repeat=repeat, memory=not no_memory, device=device,
+                                    cuda_dtypes=dtype_list), indent=2)
     if out:
         Path(out).write_text(text + "\n")
     click.echo(text)

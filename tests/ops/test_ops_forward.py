@@ -129,3 +129,22 @@ def test_bad_input_raises_value_error_naming_it(native_op, culprit):
            "level_start_index": (value, shapes, starts + 100, loc, attn)}[culprit]
     with pytest.raises(ValueError, match=culprit if culprit != "level_start_index" else "level 0"):
         native_op(*bad, 64)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("culprit", ["value", "sampling_locations", "attention_weights", "spatial_shapes",
+                                     "level_start_index"])
+def test_wrapper_checks_ranks_and_sizes_first(native_op, monkeypatch, culprit, native):
+    # model.ms_deform_attn checks in Python before the native op or the reference sees the input.
+    from model import ms_deform_attn as msda
+
+    if not native:
+        monkeypatch.setattr(msda._state, "devices", frozenset())
+    value, shapes, starts, loc, attn = make_inputs(dtype=torch.float32)
+    bad = {"value": (value[0], shapes, starts, loc, attn),
+           "sampling_locations": (value, shapes, starts, loc[:, :, :1], attn),
+           "attention_weights": (value, shapes, starts, loc, attn[..., :1]),
+           "spatial_shapes": (value, shapes.float(), starts, loc, attn),
+           "level_start_index": (value, shapes, starts[None], loc, attn)}[culprit]
+    with pytest.raises(ValueError, match=f"ms_deform_attn: {culprit} must be"):
+        ms_deform_attn(*bad)

@@ -13,8 +13,11 @@ import pytest
 
 KERNELS = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "ms_deform_attn_kernels.cuh"
 WANTED_ARCHS = (70, 75, 80, 86, 89, 90)
-# (scalar_t, acc_t) pairs the torch binding dispatches to.
-TYPES = (("float", "float"), ("double", "double"), ("__half", "float"), ("__nv_bfloat16", "float"))
+# (scalar_t, acc_t, grad_t) triples the torch binding dispatches to: grad_value accumulates in acc_t, or
+# in the 16-bit type itself (paired atomics on sm_90+).
+TYPES = (("float", "float", "float"), ("double", "double", "double"), ("__half", "float", "float"),
+         ("__half", "float", "__half"), ("__nv_bfloat16", "float", "float"),
+         ("__nv_bfloat16", "float", "__nv_bfloat16"))
 
 
 def _nvcc() -> str | None:
@@ -30,15 +33,16 @@ def _nvcc() -> str | None:
 
 def _instantiations() -> str:
     lines = [f'#include "{KERNELS.as_posix()}"', "namespace sdo { namespace cuda {"]
-    for scalar, acc in TYPES:
-        lines += [
-            (f"template cudaError_t launch_forward<{scalar}, {acc}>(const {scalar}*, const int64_t*, const int64_t*,"
-             f" const {acc}*, const {acc}*, {scalar}*, Dims, cudaStream_t);"),
-            (f"template cudaError_t launch_backward<{scalar}, {acc}>(const {scalar}*, const {scalar}*, const int64_t*,"
-             f" const int64_t*, const {acc}*, const {acc}*, {acc}*, {acc}*, {acc}*, Dims, cudaStream_t);"),
-        ]
+    for scalar, acc in dict.fromkeys((scalar, acc) for scalar, acc, _ in TYPES):
+        lines.append(f"template cudaError_t launch_forward<{scalar}, {acc}>(const {scalar}*, const int64_t*,"
+                     f" const int64_t*, const {acc}*, const {acc}*, {scalar}*, Dims, bool, int, cudaStream_t);")
         if scalar != acc:
-            lines.append(f"template cudaError_t launch_cast<{scalar}, {acc}>(const {acc}*, {scalar}*, int64_t, cudaStream_t);")
+            lines.append(f"template cudaError_t launch_cast<{scalar}, {acc}>(const {acc}*, {scalar}*, int64_t,"
+                         " cudaStream_t);")
+    for scalar, acc, grad in TYPES:
+        lines.append(f"template cudaError_t launch_backward<{scalar}, {acc}, {grad}>(const {scalar}*, const {scalar}*,"
+                     f" const int64_t*, const int64_t*, const {acc}*, const {acc}*, {grad}*, {acc}*, {acc}*, Dims,"
+                     " bool, int, cudaStream_t);")
     lines.append("}}")
     return "\n".join(lines) + "\n"
 

@@ -1,8 +1,11 @@
 """`sdo bench ops --quick`: the JSON's shape and native == reference inside it (no timing asserts)."""
 import json
 
+import pytest
+import torch
 from click.testing import CliRunner
 
+from model import ms_deform_attn as msda
 from orchestrator.bench.ops import level_shapes, sparse_detr_cases
 from orchestrator.cli import main
 
@@ -43,3 +46,27 @@ def test_bench_ops_quick_json(native_op, tmp_path):
 def test_bench_ops_rejects_bad_repeat():
     result = CliRunner().invoke(main, ["bench", "ops", "--quick", "--repeat", "0"])
     assert result.exit_code == 2 and "repeat" in result.output
+
+
+def test_bench_ops_rejects_bad_dtypes_and_missing_gpu(native_op):
+    result = CliRunner().invoke(main, ["bench", "ops", "--quick", "--dtypes", "float32,int8"])
+    assert result.exit_code == 2 and "--dtypes" in result.output
+    if not (torch.cuda.is_available() and msda.native_available("cuda")):
+        result = CliRunner().invoke(main, ["bench", "ops", "--quick", "--device", "cuda"])
+        assert result.exit_code == 2 and "--device cuda" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_bench_ops_cuda_dtypes_json(native_op):
+    result = CliRunner().invoke(main, ["bench", "ops", "--quick", "--device", "cuda", "--dtypes",
+                                       "float32,bfloat16,float16"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "cpu" not in report and "goal" not in report and report["cuda_dtypes"] == ["float32", "bfloat16", "float16"]
+    runs = [(case["name"], case["dtype"]) for case in report["cuda"]]
+    assert runs == [(name, dtype) for dtype in ("float32", "bfloat16", "float16")
+                    for name in ("encoder_dense", "encoder_rho0.1", "decoder")]
+    for case in report["cuda"]:
+        assert case["native"]["forward_backward_ms"] > 0 and case["native"]["peak_mem_mib"] > 0
+        tolerance = 1e-5 if case["dtype"] == "float32" else 5e-2  # the reference rounds too
+        assert case["native_vs_reference"]["output"]["max_rel"] <= tolerance
