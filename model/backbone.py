@@ -111,22 +111,23 @@ class ResNetBody(nn.Module):
     """torchvision's ResNet without avgpool/fc; returns the outputs of layer2, layer3, layer4.
 
     forward(x [B, 3, H, W]) -> [C3 [B, c3, H/8, W/8], C4 [B, c4, H/16, W/16], C5 [B, c5, H/32, W/32]]
-    (C5 at stride 16 when `dilation` replaces the last stride).
+    (C5 at stride 16 when `dilation` replaces the last stride). ``width``: the stem's channels, doubled by each
+    stage after the first (64: torchvision's, which ImageNet files need; less: a narrow net for CPU smoke runs).
     """
 
-    def __init__(self, name: str, dilation: bool = False):
+    def __init__(self, name: str, dilation: bool = False, width: int = 64):
         super().__init__()
         block, layers = RESNET_SPECS[name]
-        self.inplanes, self.dilation = 64, 1
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(64)
+        self.inplanes, self.dilation = width, 1
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = FrozenBatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilation)
-        self.num_channels = [128 * block.expansion, 256 * block.expansion, 512 * block.expansion]
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2, dilate=dilation)
+        self.num_channels = [2 * width * block.expansion, 4 * width * block.expansion, 8 * width * block.expansion]
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
         previous_dilation = self.dilation
@@ -178,15 +179,17 @@ class Backbone(nn.Module):
         -> list of (features [B, C_l, H_l, W_l], mask [B, H_l, W_l]) for C3, C4, C5
     """
 
-    def __init__(self, name: str, train_backbone: bool = True, dilation: bool = False):
+    def __init__(self, name: str, train_backbone: bool = True, dilation: bool = False, width: int = 64):
         super().__init__()
         if name in RESNET_SPECS:
-            self.body = ResNetBody(name, dilation)
+            self.body = ResNetBody(name, dilation, width)
             for param_name, param in self.body.named_parameters():
                 # the stem and layer1 stay frozen as in DETR; everything when the backbone is not trained
                 if not train_backbone or not param_name.startswith(("layer2", "layer3", "layer4")):
                     param.requires_grad_(False)
         elif name == "swin_t":
+            if width != 64:
+                raise ValueError("model.backbone.width applies to the ResNets only, not swin_t")
             if dilation:
                 raise ValueError("model.backbone.dilation is not supported by swin_t")
             self.body = SwinBody()
@@ -257,8 +260,10 @@ def load_torchvision_weights(body: nn.Module, path) -> None:
 
 
 def build_backbone(backbone_cfg, hidden_dim: int, position_scale: float) -> Joiner:
-    """backbone_cfg has the fields of orchestrator.config.BackboneConfig (name, weights, train, dilation)."""
-    backbone = Backbone(backbone_cfg.name, train_backbone=backbone_cfg.train, dilation=backbone_cfg.dilation)
+    """backbone_cfg has the fields of orchestrator.config.BackboneConfig (name, weights, train, dilation, width)."""
+    width = getattr(backbone_cfg, "width", 64)
+    backbone = Backbone(backbone_cfg.name, train_backbone=backbone_cfg.train, dilation=backbone_cfg.dilation,
+                        width=width)
     if backbone_cfg.weights:
         if backbone_cfg.name not in RESNET_SPECS:
             raise ValueError(f"model.backbone.weights: only torchvision ResNet files are supported, "

@@ -44,6 +44,8 @@ class BackboneConfig:
     weights: str | None = doc("torchvision ImageNet weight file (local path) or null for random", None)
     train: bool = doc("train the backbone (stem and layer1 stay frozen as in DETR)", True)
     dilation: bool = doc("replace stride with dilation in the last stage (DC5)", False)
+    width: int = doc("ResNet stem channels, doubled by each later stage: 64 is torchvision's (ImageNet weights need it); "
+                     "8-32 make a narrow net for CPU smoke runs and sweeps of tiny models", 64)
 
 
 @dataclass
@@ -431,6 +433,12 @@ def validate(cfg: Config) -> None:
         value = get_value(cfg, key)
         _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
     m = cfg.model
+    _check(m.backbone.width >= 4 and m.backbone.width % 4 == 0, "model.backbone.width", m.backbone.width,
+           "must be a multiple of 4, at least 4")
+    _check(m.backbone.width == 64 or not m.backbone.weights, "model.backbone.width", m.backbone.width,
+           "ImageNet weights (model.backbone.weights) need the torchvision width 64")
+    _check(m.backbone.width == 64 or m.backbone.name != "swin_t", "model.backbone.width", m.backbone.width,
+           "applies to the ResNets only, not swin_t")
     _check(0.0 <= m.rho < 1.0, "model.rho", m.rho, "must be in [0, 1)")
     for key in ("num_classes", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
                 "num_feature_levels", "enc_n_points", "dec_n_points", "num_queries", "im2col_step"):

@@ -7,9 +7,12 @@ bounded time instead of hanging a run.
   sdo's handler adds a stall limit: a transfer slower than 1 byte/s for STALL_S seconds is aborted.
   Shards are not retried mid-stream (curl cannot take back bytes it already wrote to the pipe); a
   broken shard is counted by the loader like any tar error, and the skip budget decides.
+
+``SDO_HTTP_READ_TIMEOUT_S`` overrides the index read timeout (a slow server; or a quick failure in a test).
 """
 from __future__ import annotations
 
+import os
 import time
 import urllib.error
 import urllib.request
@@ -23,13 +26,19 @@ BACKOFF_S = 1.0
 STALL_S = 30
 
 
+def read_timeout_s() -> float:
+    """The index read timeout: ``SDO_HTTP_READ_TIMEOUT_S`` when set, else READ_TIMEOUT_S."""
+    return float(os.environ.get("SDO_HTTP_READ_TIMEOUT_S") or READ_TIMEOUT_S)
+
+
 def fetch(url: str) -> bytes:
     """The body of ``url``; raises OSError naming it after ``ATTEMPTS`` failed tries (connect/read timeouts,
     refused connections, 5xx). A 4xx answer is final at once."""
     last: Exception | None = None
+    timeout = read_timeout_s()
     for attempt in range(ATTEMPTS):
         try:
-            with urllib.request.urlopen(url, timeout=READ_TIMEOUT_S) as reply:
+            with urllib.request.urlopen(url, timeout=timeout) as reply:
                 return reply.read()
         except urllib.error.HTTPError as err:
             if err.code < 500:

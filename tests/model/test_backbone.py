@@ -34,10 +34,11 @@ def test_frozen_batchnorm_equals_eval_batchnorm():
     assert not list(frozen.parameters())
 
 
-@pytest.mark.parametrize("name, channels", [("resnet18", [128, 256, 512]), ("resnet34", [128, 256, 512]),
-                                            ("resnet50", [512, 1024, 2048])])
-def test_resnet_levels_strides_and_masks(name, channels):
-    backbone = Backbone(name)
+@pytest.mark.parametrize("name, width, channels", [("resnet18", 64, [128, 256, 512]), ("resnet34", 64, [128, 256, 512]),
+                                                   ("resnet50", 64, [512, 1024, 2048]), ("resnet18", 16, [32, 64, 128]),
+                                                   ("resnet50", 8, [64, 128, 256])])
+def test_resnet_levels_strides_and_masks(name, width, channels):
+    backbone = Backbone(name, width=width)
     assert backbone.num_channels == channels
     images = torch.randn(2, 3, 96, 128)
     mask = torch.zeros(2, 96, 128, dtype=torch.bool)
@@ -51,6 +52,25 @@ def test_resnet_levels_strides_and_masks(name, channels):
         assert not feature_mask[0].any()
         # the second image is 64x64: its valid region is exactly (64 / stride)^2 cells
         assert int((~feature_mask[1]).sum()) == (64 // stride) ** 2
+
+
+def test_a_narrow_resnet_is_the_same_net_with_fewer_channels():
+    wide, narrow = ResNetBody("resnet18"), ResNetBody("resnet18", width=16)
+    assert [k for k in wide.state_dict()] == [k for k in narrow.state_dict()]  # the torchvision names
+    for key, value in narrow.state_dict().items():
+        assert value.shape[0] * 4 == wide.state_dict()[key].shape[0], key
+    assert sum(p.numel() for p in narrow.parameters()) * 15 < sum(p.numel() for p in wide.parameters())
+    with pytest.raises(ValueError, match="width applies to the ResNets only"):
+        Backbone("swin_t", width=16)
+
+
+def test_imagenet_weights_need_the_torchvision_width():
+    from orchestrator.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model.backbone.width=16: ImageNet weights .* need the torchvision width"):
+        load_config(None, ["model.backbone.width=16", "model.backbone.weights=resnet18.pth"])
+    with pytest.raises(ConfigError, match="model.backbone.width=6: must be a multiple of 4"):
+        load_config(None, ["model.backbone.width=6"])
 
 
 def test_stem_and_layer1_frozen_rest_trains():

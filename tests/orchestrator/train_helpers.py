@@ -35,10 +35,11 @@ def make_shards(root: Path, num_train: int = 16, num_val: int = 8, size: int = 9
 
 def tiny_config(path: Path, shards: dict[str, Path], storage: Path, checkpoint: dict | None = None,
                 **train_overrides):
-    """A YAML config with a tiny Sparse DETR (rho > 0, encoder aux loss) -> (path, Config).
+    """A YAML config with a tiny Sparse DETR (rho > 0, encoder aux loss; a narrow ResNet-18: checkpoints of 3 MB,
+    not 130) -> (path, Config).
     ``checkpoint``: the config's checkpoint section; other keywords override the train section."""
     values = {
-        "model": {"backbone": {"name": "resnet18", "train": True}, "hidden_dim": 32, "nheads": 2, "enc_layers": 2,
+        "model": {"backbone": {"name": "resnet18", "train": True, "width": 16}, "hidden_dim": 32, "nheads": 2, "enc_layers": 2,
                   "dec_layers": 2, "dim_feedforward": 64, "num_queries": 20, "enc_n_points": 2, "dec_n_points": 2,
                   "rho": 0.3, "use_enc_aux_loss": True, "eff_query_init": True, "eff_specific_head": True},
         "data": {"train_shards": str(shards["train"]), "val_shards": str(shards["val"]), "batch_size": 2,

@@ -183,7 +183,9 @@ def _sdo(*args: str, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
 
 
-def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(runs):
+def test_ctrl_c_stops_at_a_checkpoint_then_a_sigkilled_driver_leaves_nothing_and_the_run_resumes(runs):
+    """One run through both interruptions (each costs a Ray start): Ctrl-C, then --resume whose driver is
+    SIGKILLed, then --resume to the end, with every step logged exactly once."""
     root, shards = runs["root"], runs["shards"]
     path, _ = _config(root, shards, "interrupted", epochs=3)
     args = _launch_args(path, "interrupted")
@@ -205,22 +207,16 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(runs):
     for directory in stored:  # no partial checkpoint: every one that is left loads
         checkpoints.load(directory)
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+    stopped_at = len(client.get_metric_history(run_id, "train/loss"))
+
+    resumed = _sdo(*args, "--resume")
+    _wait_for_steps(resumed, run_dir, stopped_at + 2)
+    resumed.kill()  # the driver alone, as the OOM killer or `kill -9` would
+    resumed.communicate(timeout=30)
+    assert left_in_session(resumed.pid) == []  # Ray's processes are gone with it
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody was left to close it
 
     _resume_to_the_end(args, client, run_id, epochs=3)
-
-
-def test_a_sigkilled_driver_leaves_no_process_and_the_run_resumes(runs):
-    root, shards = runs["root"], runs["shards"]
-    path, _ = _config(root, shards, "sigkilled")
-    args = _launch_args(path, "sigkilled")
-    process = _sdo(*args)
-    client = _wait_for_steps(process, root / "runs" / "sigkilled", 2)
-    process.kill()  # the driver alone, as the OOM killer or `kill -9` would
-    process.communicate(timeout=30)
-    assert left_in_session(process.pid) == []  # Ray's processes are gone with it
-    run_id = read_identity(root / "runs" / "sigkilled").run_id
-    assert client.get_run(run_id).info.status == "RUNNING"  # nobody was left to close it
-    _resume_to_the_end(args, client, run_id, epochs=2)
 
 
 def _launch_args(path: Path, name: str) -> list[str]:
