@@ -6,9 +6,9 @@ rank 0 alone writes checkpoints and talks to MLflow. The worker runs in a sessio
 :func:`train_loop_per_worker`) or one process without Ray (:func:`train_without_ray`). Its
 checkpoints are the Checkpointer's (orchestrator.train.checkpointer): a restarted worker group
 continues from the exact step after the latest one: the loader replays the epoch's deterministic
-order and skips the batches the checkpoint had consumed. Rank 0 logs into the run's MLflow run (its RunIdentity travels
-with the config), each (metric, step) once whatever was restarted. A stop request (the driver's
-Ctrl-C) ends the run at the next logged or checkpoint step, with a checkpoint.
+order and skips the batches the checkpoint had consumed. Rank 0 logs into the run's MLflow run
+(its RunIdentity travels with the config), each (metric, step) once whatever was restarted. A stop
+request (the driver's Ctrl-C) ends the run at the next logged or checkpoint step, with a checkpoint.
 """
 from __future__ import annotations
 
