@@ -20,7 +20,7 @@ DEFORMABLE_R50 = {"rho": 0.0, "use_enc_aux_loss": False, "eff_query_init": False
 
 
 def r50_cfg(**overrides):
-    return model_cfg(backbone=types.SimpleNamespace(name="resnet50", weights=None, train=True, dilation=False),
+    return model_cfg(backbone=types.SimpleNamespace(name="resnet50", weights=None, train=True, dilation=False, width=64),
                      num_classes=91, hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6, dim_feedforward=1024,
                      dropout=0.1, enc_n_points=4, dec_n_points=4, num_queries=300, **overrides)
 
