@@ -100,13 +100,16 @@ struct OpInputs {
   Dims dims;
 };
 
-// The level table is checked on the host only on the CPU; the CUDA kernels read it on the device
-// and treat a level that does not fit in value as empty (no device-to-host copy per call).
+// check_levels_on_host: check the level table on the host (for CUDA tensors a device-to-host copy,
+// which synchronises the stream). The CPU kernel and the default CUDA kernels need it; the vector
+// CUDA kernels (SDO_MSDA_CUDA=kernel=vector) check it themselves and treat a level that does not
+// fit in value as empty.
 inline OpInputs prepare_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
-                               const at::Tensor& attn_weight, int64_t im2col_step, at::DeviceType device_type) {
+                               const at::Tensor& attn_weight, int64_t im2col_step, at::DeviceType device_type,
+                               bool check_levels_on_host = true) {
   check_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, im2col_step, device_type);
-  if (device_type == at::kCPU) check_levels(spatial_shapes, level_start_index, value.size(1));
+  if (check_levels_on_host) check_levels(spatial_shapes.cpu(), level_start_index.cpu(), value.size(1));
   const auto acc = acc_dtype(value.scalar_type());
   return {value.contiguous(),
           spatial_shapes.contiguous(),

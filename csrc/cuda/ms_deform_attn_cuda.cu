@@ -1,13 +1,17 @@
 // CUDA backend of sdo::ms_deform_attn: argument checks, dtype dispatch and stream handling around
-// the kernels in ms_deform_attn_kernels.cuh. Built by setup.py / `sdo ops build` only with a CUDA
-// build of torch.
+// two sets of kernels. Built by setup.py / `sdo ops build` only with a CUDA build of torch.
 //
-// No host synchronisation: spatial_shapes / level_start_index stay on the device (the kernels treat
-// a level that does not fit in value as empty instead of checking on the host), so the op can be
-// captured in a CUDA graph and does not stall the stream.
-//
-// SDO_MSDA_CUDA (read at every call; for benchmarks) tunes the kernels, e.g.
-// "forward_inner=queries,backward_inner=heads,points_split=auto,half_grad=native":
+// SDO_MSDA_CUDA (read at every call) picks the kernels and tunes the vector ones, e.g.
+// "kernel=vector,forward_inner=queries,backward_inner=heads,points_split=auto,half_grad=native":
+//   kernel = channel | vector:
+//     channel (the default; ms_deform_attn_kernels.cuh): verified on a GPU. The level table is
+//       checked on the host (a device-to-host copy per call, so no CUDA graph capture); grad_value
+//       accumulates in float32 (float64 for float64).
+//     vector (ms_deform_attn_vector_kernels.cuh): a lane group per (query, head) reading 16-byte
+//       vectors; not yet run on a GPU. No host synchronisation: spatial_shapes / level_start_index
+//       stay on the device (the kernels treat a level that does not fit in value as empty), so the op
+//       can be captured in a CUDA graph and does not stall the stream.
+//   The other settings apply to the vector kernels only:
 //   forward_inner / backward_inner = queries | heads: which index of (query, head) varies fastest
 //     between the items of a warp (queries: the dense encoder's neighbouring pixels share cache
 //     lines; heads: atomics of one warp land on different rows). Defaults: queries / heads.
@@ -35,6 +39,7 @@
 
 #include "../ms_deform_attn.h"
 #include "ms_deform_attn_kernels.cuh"
+#include "ms_deform_attn_vector_kernels.cuh"
 
 namespace sdo {
 namespace {
@@ -82,6 +87,7 @@ int compute_capability_major(int device) {
 }
 
 struct Tuning {
+  bool vector_kernel = false;  // kernel=vector; false: kernel=channel (the default)
   bool forward_heads_inner = false;
   bool backward_heads_inner = true;
   int points_split = 0;  // 0: automatic
@@ -98,7 +104,9 @@ Tuning read_tuning() {
     if (entry.empty()) continue;
     const auto eq = entry.find('=');
     const std::string key = entry.substr(0, eq), value = eq == std::string::npos ? "" : entry.substr(eq + 1);
-    if ((key == "forward_inner" || key == "backward_inner") && (value == "queries" || value == "heads")) {
+    if (key == "kernel" && (value == "channel" || value == "vector")) {
+      tuning.vector_kernel = value == "vector";
+    } else if ((key == "forward_inner" || key == "backward_inner") && (value == "queries" || value == "heads")) {
       (key == "forward_inner" ? tuning.forward_heads_inner : tuning.backward_heads_inner) = value == "heads";
     } else if (key == "points_split" && (value == "auto" || value == "1" || value == "2" || value == "4" ||
                                          value == "8" || value == "16" || value == "32")) {
@@ -107,14 +115,14 @@ Tuning read_tuning() {
       tuning.half_grad_native = value == "native";
     } else {
       sdo::throw_value_error("SDO_MSDA_CUDA: unknown setting '" + entry +
-                             "' (forward_inner|backward_inner=queries|heads, points_split=auto|1|2|4|..|32, "
-                             "half_grad=native|float32)");
+                             "' (kernel=channel|vector, forward_inner|backward_inner=queries|heads, "
+                             "points_split=auto|1|2|4|..|32, half_grad=native|float32)");
     }
   }
   return tuning;
 }
 
-// The level table of a block lives in shared memory (see stage_levels).
+// The vector kernels keep the level table of a block in shared memory (see stage_levels).
 void check_levels_fit_shared_memory(const Dims& d) {
   if (d.L > 1024) sdo::throw_value_error("ms_deform_attn: the CUDA kernels take at most 1024 levels, got " +
                                          std::to_string(d.L));
@@ -123,23 +131,29 @@ void check_levels_fit_shared_memory(const Dims& d) {
 at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                         const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
                         const at::Tensor& attn_weight, int64_t im2col_step) {
+  const Tuning tuning = read_tuning();
   const auto in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, im2col_step,
-                                 at::kCUDA);
+                                 at::kCUDA, /*check_levels_on_host=*/!tuning.vector_kernel);
   const c10::cuda::CUDAGuard guard(value.device());
   const Dims& d = in.dims;
-  check_levels_fit_shared_memory(d);
-  const Tuning tuning = read_tuning();
+  if (tuning.vector_kernel) check_levels_fit_shared_memory(d);
   auto output = at::empty({d.B, d.Q, d.H * d.D}, in.value.options());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     using cuda_t = typename CudaType<scalar_t>::type;
-    check_launch(cuda::launch_forward<cuda_t, acc_t>(
-                     cuda_ptr<scalar_t>(in.value), in.spatial_shapes.const_data_ptr<int64_t>(),
-                     in.level_start_index.const_data_ptr<int64_t>(), in.sampling_loc.const_data_ptr<acc_t>(),
-                     in.attn_weight.const_data_ptr<acc_t>(), cuda_mut_ptr<scalar_t>(output), d,
-                     tuning.forward_heads_inner, tuning.points_split, stream),
-                 "forward kernel");
+    const cuda_t* value_ptr = cuda_ptr<scalar_t>(in.value);
+    const int64_t* shapes = in.spatial_shapes.const_data_ptr<int64_t>();
+    const int64_t* starts = in.level_start_index.const_data_ptr<int64_t>();
+    const acc_t* loc = in.sampling_loc.const_data_ptr<acc_t>();
+    const acc_t* attn = in.attn_weight.const_data_ptr<acc_t>();
+    cuda_t* out = cuda_mut_ptr<scalar_t>(output);
+    const cudaError_t err =
+        tuning.vector_kernel
+            ? cuda_vector::launch_forward<cuda_t, acc_t>(value_ptr, shapes, starts, loc, attn, out, d,
+                                                         tuning.forward_heads_inner, tuning.points_split, stream)
+            : cuda::launch_forward<cuda_t, acc_t>(value_ptr, shapes, starts, loc, attn, out, d, stream);
+    check_launch(err, "forward kernel");
   });
   return output;
 }
@@ -148,37 +162,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_loc, const at::Tensor& attn_weight,
     int64_t im2col_step) {
+  const Tuning tuning = read_tuning();
   const auto in = prepare_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight, im2col_step,
-                                 at::kCUDA);
+                                 at::kCUDA, /*check_levels_on_host=*/!tuning.vector_kernel);
   const auto grad = prepare_grad_output(grad_output, in);
   const c10::cuda::CUDAGuard guard(value.device());
   const Dims& d = in.dims;
-  check_levels_fit_shared_memory(d);
-  const Tuning tuning = read_tuning();
+  if (tuning.vector_kernel) check_levels_fit_shared_memory(d);
   const auto acc = acc_dtype(value.scalar_type());
   auto grad_loc = at::empty(in.sampling_loc.sizes(), in.sampling_loc.options());
   auto grad_attn = at::empty(in.attn_weight.sizes(), in.attn_weight.options());
   at::Tensor grad_value;
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  const bool sm90 = compute_capability_major(value.device().index()) >= 9;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda_backward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     using cuda_t = typename CudaType<scalar_t>::type;
+    // grad_value_ptr: acc_t (either kernel) or cuda_t (16-bit accumulation, vector kernels only).
     auto launch = [&](auto* grad_value_ptr) {
-      check_launch(cuda::launch_backward<cuda_t, acc_t>(
-                       cuda_ptr<scalar_t>(grad), cuda_ptr<scalar_t>(in.value),
-                       in.spatial_shapes.const_data_ptr<int64_t>(), in.level_start_index.const_data_ptr<int64_t>(),
-                       in.sampling_loc.const_data_ptr<acc_t>(), in.attn_weight.const_data_ptr<acc_t>(),
-                       grad_value_ptr, grad_loc.mutable_data_ptr<acc_t>(), grad_attn.mutable_data_ptr<acc_t>(), d,
-                       tuning.backward_heads_inner, tuning.points_split, stream),
+      const cuda_t* grad_ptr = cuda_ptr<scalar_t>(grad);
+      const cuda_t* value_ptr = cuda_ptr<scalar_t>(in.value);
+      const int64_t* shapes = in.spatial_shapes.const_data_ptr<int64_t>();
+      const int64_t* starts = in.level_start_index.const_data_ptr<int64_t>();
+      const acc_t* loc = in.sampling_loc.const_data_ptr<acc_t>();
+      const acc_t* attn = in.attn_weight.const_data_ptr<acc_t>();
+      acc_t* grad_loc_ptr = grad_loc.mutable_data_ptr<acc_t>();
+      acc_t* grad_attn_ptr = grad_attn.mutable_data_ptr<acc_t>();
+      if constexpr (std::is_same_v<std::remove_pointer_t<decltype(grad_value_ptr)>, acc_t>) {
+        if (!tuning.vector_kernel) {
+          check_launch(cuda::launch_backward<cuda_t, acc_t>(grad_ptr, value_ptr, shapes, starts, loc, attn,
+                                                             grad_value_ptr, grad_loc_ptr, grad_attn_ptr, d, stream),
+                       "backward kernel");
+          return;
+        }
+      }
+      check_launch(cuda_vector::launch_backward<cuda_t, acc_t>(grad_ptr, value_ptr, shapes, starts, loc, attn,
+                                                                grad_value_ptr, grad_loc_ptr, grad_attn_ptr, d,
+                                                                tuning.backward_heads_inner, tuning.points_split,
+                                                                stream),
                    "backward kernel");
     };
     if constexpr (std::is_same_v<cuda_t, acc_t>) {
       grad_value = at::zeros(value.sizes(), value.options());
       launch(grad_value.mutable_data_ptr<acc_t>());
     } else {
-      const bool native = tuning.half_grad_native && sm90 &&
-                          cuda::half_accumulation_possible<cuda_t>(d, in.value.const_data_ptr(), grad.const_data_ptr());
+      const bool native = tuning.vector_kernel && tuning.half_grad_native &&
+                          compute_capability_major(value.device().index()) >= 9 &&
+                          cuda_vector::half_accumulation_possible<cuda_t>(d, in.value.const_data_ptr(),
+                                                                          grad.const_data_ptr());
       if (native) {
         grad_value = at::zeros(value.sizes(), value.options());
         launch(cuda_mut_ptr<scalar_t>(grad_value));

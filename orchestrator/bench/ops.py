@@ -4,6 +4,10 @@ Shapes are Sparse DETR's (B=2, d_model=256, 8 heads, 4 levels, 4 points) on an 8
 the encoder with every token as query (dense, rho=0), the sparse encoder at rho=0.1 (int(0.1*S)+1
 queries) and the decoder (300 queries). Times are medians over `repeat` runs after a warm-up.
 
+Every row names its `kernel`: "cpu", or on CUDA the kernels SDO_MSDA_CUDA selects, "channel" (the
+verified default) and "vector" (opt-in), each case measured with both, one after the other in one
+process; `cuda_vector_over_channel` gives the vector kernels' speedups.
+
 Peak memory (CPU) is measured in a fresh child process per implementation (so one cannot reuse
 memory the other freed): per case, inputs are allocated, the kernel's high-water mark is reset
 (/proc/self/clear_refs = 5), one forward + backward runs, and the peak is VmHWM minus the RSS
@@ -13,6 +17,7 @@ memory. On CUDA the peak is torch.cuda.max_memory_allocated() above the allocati
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +36,7 @@ FULL_IMAGE = (800, 1216)
 QUICK_IMAGE = (128, 192)
 FORWARD_BACKWARD_GOAL = 3.0
 MMAP_THRESHOLD = 128 * 1024
+CUDA_KERNELS = ("channel", "vector")  # SDO_MSDA_CUDA=kernel=...: the verified default, the opt-in vector kernels
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,22 @@ def make_inputs(case: Case, device: str = "cpu", dtype=torch.float32, seed: int 
 
 def implementations() -> dict:
     return {"native": torch.ops.sdo.ms_deform_attn, "reference": msda.ms_deform_attn_reference}
+
+
+@contextlib.contextmanager
+def cuda_kernel(kernel: str | None):
+    """Runs the block with `kernel=<kernel>` appended to SDO_MSDA_CUDA (the op reads it at every call and
+    the last setting wins, so other tuning settings stay); None leaves it alone."""
+    saved = os.environ.get("SDO_MSDA_CUDA")
+    if kernel is not None:
+        os.environ["SDO_MSDA_CUDA"] = f"{saved},kernel={kernel}" if saved else f"kernel={kernel}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SDO_MSDA_CUDA", None)
+        else:
+            os.environ["SDO_MSDA_CUDA"] = saved
 
 
 def _sync(device: str) -> None:
@@ -218,12 +240,18 @@ def _with_value_dtype(inputs: list, dtype) -> list:
     return [inputs[0].to(dtype), *inputs[1:]]
 
 
-def bench_case(case: Case, device: str, repeat: int, dtype=torch.float32) -> dict:
+def bench_case(case: Case, device: str, repeat: int, dtype=torch.float32, kernel: str | None = None) -> dict:
+    """One row: native and reference timed on one case; kernel: the CUDA kernels of the native op."""
+    with cuda_kernel(kernel):
+        return _bench_case(case, device, repeat, dtype, kernel or device)
+
+
+def _bench_case(case: Case, device: str, repeat: int, dtype, kernel: str) -> dict:
     inputs = _with_value_dtype(make_inputs(case, device), dtype)
     grad_output = torch.randn(case.batch, case.len_q, case.n_heads * case.head_dim,
                               generator=torch.Generator().manual_seed(1)).to(device, dtype)
     result = {**asdict(case), "len_in": case.len_in, "d_model": case.n_heads * case.head_dim,
-              "dtype": str(dtype).removeprefix("torch.")}
+              "dtype": str(dtype).removeprefix("torch."), "kernel": kernel}
     last = {}
     for impl, fn in implementations().items():
         with torch.no_grad():
@@ -241,16 +269,32 @@ def bench_case(case: Case, device: str, repeat: int, dtype=torch.float32) -> dic
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _vector_over_channel(results: list[dict]) -> list[dict]:
+    """Per (case, dtype) measured with both CUDA kernels: channel time / vector time."""
+    rows = {(r["name"], r["dtype"], r["kernel"]): r["native"] for r in results}
+    speedups = []
+    for (name, dtype, kernel), vector in rows.items():
+        channel = rows.get((name, dtype, "channel"))
+        if kernel == "vector" and channel is not None:
+            speedups.append({"name": name, "dtype": dtype, **{
+                part: round(channel[f"{part}_ms"] / vector[f"{part}_ms"], 2) for part in ("forward", "forward_backward")}})
+    return speedups
+
+
 def run(*, quick: bool = False, repeat: int | None = None, memory: bool = True, cuda: bool | None = None,
-        progress: bool = True, device: str = "auto", cuda_dtypes: tuple = ("float32",)) -> dict:
+        progress: bool = True, device: str = "auto", cuda_dtypes: tuple = ("float32",),
+        cuda_kernels: tuple = CUDA_KERNELS) -> dict:
     """Benchmarks every case on CPU and/or CUDA. device: "auto" (CPU, plus CUDA when a GPU and the CUDA
     kernels are there; `cuda` True / False insists / refuses), "cpu" or "cuda". On CUDA every case runs
-    in each of cuda_dtypes (value and grad_output in it; the CPU runs float32)."""
+    in each of cuda_dtypes (value and grad_output in it; the CPU runs float32) with each of cuda_kernels."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     unknown = [d for d in cuda_dtypes if d not in DTYPES]
     if unknown or not cuda_dtypes:
         raise ValueError(f"--dtypes: expected a comma-separated subset of {','.join(DTYPES)}, got {list(cuda_dtypes)}")
+    if not cuda_kernels or any(k not in CUDA_KERNELS for k in cuda_kernels):
+        raise ValueError(f"--kernels: expected a comma-separated subset of {','.join(CUDA_KERNELS)}, "
+                         f"got {list(cuda_kernels)}")
     if device in ("auto", "cpu") and not msda.native_available("cpu"):
         raise RuntimeError("the native op is not built: run `pip install -e .` or `sdo ops build` first")
     repeat = repeat if repeat is not None else (1 if quick else 7)
@@ -273,29 +317,40 @@ def run(*, quick: bool = False, repeat: int | None = None, memory: bool = True, 
                                 "cuda: torch.cuda.max_memory_allocated() growth") if memory else None}
     if "cuda" in devices:
         report["cuda_dtypes"] = list(cuda_dtypes)
+        report["cuda_kernels"] = list(cuda_kernels)
         report["cuda_timing"] = "median of CUDA-event times around each call"
     from tqdm import tqdm
 
     for dev in devices:
         if dev == "cuda":
             report["gpu"] = torch.cuda.get_device_name()
+        kernels = list(cuda_kernels) if dev == "cuda" else [None]
         warmup = Case("warmup", 1, 8, 32, 4, ((6, 8), (3, 4), (2, 2), (1, 1)), 5)
-        for fn in implementations().values():
-            _forward_backward(fn, make_inputs(warmup, dev), torch.ones(1, 5, 256, device=dev))
+        for kernel in kernels:
+            with cuda_kernel(kernel):
+                for fn in implementations().values():
+                    _forward_backward(fn, make_inputs(warmup, dev), torch.ones(1, 5, 256, device=dev))
         dtypes = [DTYPES[d] for d in cuda_dtypes] if dev == "cuda" else [torch.float32]
-        runs = [(case, dtype) for dtype in dtypes for case in cases]
-        results = [bench_case(case, dev, repeat, dtype)
-                   for case, dtype in tqdm(runs, desc=f"bench ops ({dev})", disable=not progress, file=sys.stderr)]
+        runs = [(case, dtype, kernel) for dtype in dtypes for case in cases for kernel in kernels]
+        results = [bench_case(case, dev, repeat, dtype, kernel) for case, dtype, kernel
+                   in tqdm(runs, desc=f"bench ops ({dev})", disable=not progress, file=sys.stderr)]
         if memory:
             for impl in implementations():
-                peaks = (_peak_memory_mib(cases, impl) if dev == "cpu"
-                         else [_cuda_peak_memory_mib(case, impl, dtype) for case, dtype in runs])
+                if dev == "cpu":
+                    peaks = _peak_memory_mib(cases, impl)
+                else:
+                    peaks = []
+                    for case, dtype, kernel in runs:
+                        with cuda_kernel(kernel):
+                            peaks.append(_cuda_peak_memory_mib(case, impl, dtype))
                 for result, peak in zip(results, peaks):
                     result[impl]["peak_mem_mib"] = round(peak, 2)
             for result in results:
                 result["memory_ratio_native_over_reference"] = round(
                     result["native"]["peak_mem_mib"] / result["reference"]["peak_mem_mib"], 3)
         report[dev] = results
+        if dev == "cuda":
+            report["cuda_vector_over_channel"] = _vector_over_channel(results)
     if "cpu" in report:
         speedups = [r["speedup"]["forward_backward"] for r in report["cpu"]]
         report["goal"] = {"cpu_forward_backward_speedup_at_least": FORWARD_BACKWARD_GOAL,

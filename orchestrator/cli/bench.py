@@ -99,8 +99,10 @@ def flops_command(height: int, width: int, names: str, backbone: str, out: str |
               help="auto: the CPU, plus CUDA where a GPU and the CUDA kernels are present.")
 @click.option("--dtypes", default="float32", show_default=True,
               help="CUDA runs: comma-separated subset of float32,bfloat16,float16 (the CPU runs float32).")
+@click.option("--kernels", default="channel,vector", show_default=True,
+              help="CUDA runs: the op's kernels to measure (SDO_MSDA_CUDA kernel=), each case with each.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None, help="Also write the JSON here.")
-def ops_bench(quick: bool, repeat, no_memory: bool, device: str, dtypes: str, out) -> None:
+def ops_bench(quick: bool, repeat, no_memory: bool, device: str, dtypes: str, kernels: str, out) -> None:
     """Native ms_deform_attn vs the pure-PyTorch reference at Sparse DETR's shapes (time, peak memory)."""
     import json
     from pathlib import Path
@@ -108,8 +110,9 @@ def ops_bench(quick: bool, repeat, no_memory: bool, device: str, dtypes: str, ou
     from orchestrator.bench import ops as bench_ops
 
     dtype_list = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    kernel_list = tuple(k.strip() for k in kernels.split(",") if k.strip())
     text = json.dumps(bench_ops.run(quick=quick, repeat=repeat, memory=not no_memory, device=device,
-                                    cuda_dtypes=dtype_list), indent=2)
+                                    cuda_dtypes=dtype_list, cuda_kernels=kernel_list), indent=2)
     if out:
         Path(out).write_text(text + "\n")
     click.echo(text)

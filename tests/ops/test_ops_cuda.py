@@ -1,11 +1,16 @@
 """CUDA kernels against float64 references (run only where a GPU and the CUDA build are present).
 
-Every kernel instance is reached: each dtype; head_dim a multiple of the 16-byte vector (32, 64, 8:
-vector path, 1 to 16 lanes per item; 40: vector path with idle lanes) or not (5: scalar path, one
+Two sets of kernels, chosen by SDO_MSDA_CUDA=kernel=channel|vector (read at every call): the general
+tests (dtypes, head dims, borders, layouts, gradcheck, bad input) run for both (the `kernel` fixture);
+the tests of the vector kernels' own features run with kernel=vector. The default is the verified
+channel kernel, which checks the level table on the host (test_cuda_default_kernel_is_channel).
+
+Every vector kernel instance is reached: each dtype; head_dim a multiple of the 16-byte vector (32, 64,
+8: vector path, 1 to 16 lanes per item; 40: vector path with idle lanes) or not (5: scalar path, one
 channel per lane; 66: scalar path, lanes striding over channel chunks); 32-bit and 64-bit indices;
 both item orders, points split over lane groups (automatic for the small cases here, forced in the
-tuning test) and both grad_value accumulations of the 16-bit types (SDO_MSDA_CUDA); misaligned and
-non-contiguous inputs; points outside the levels and on their borders; levels that do not fit in value.
+tuning test) and both grad_value accumulations of the 16-bit types; misaligned and non-contiguous
+inputs; points outside the levels and on their borders; levels that do not fit in value.
 """
 import pytest
 import torch
@@ -16,12 +21,25 @@ from model.ms_deform_attn import ms_deform_attn_reference, native_available
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 DEVICE = "cuda"
 GRAD_NAMES = ("value", "sampling_loc", "attn_weight")
+KERNELS = ("channel", "vector")
 
 
 @pytest.fixture(scope="module")
 def cuda_op(native_op):
     assert native_available(DEVICE), "a GPU is present but the op was built without CUDA kernels"
     return native_op
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """The test runs once per set of CUDA kernels."""
+    monkeypatch.setenv("SDO_MSDA_CUDA", f"kernel={request.param}")
+    return request.param
+
+
+@pytest.fixture
+def vector_kernel(monkeypatch):
+    monkeypatch.setenv("SDO_MSDA_CUDA", "kernel=vector")
 
 
 def _max_rel(got, want):
@@ -36,9 +54,10 @@ def _reference64(inputs, grad_output):
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("half_grad", ["native", "float32"])
-def test_cuda_forward_backward_match_reference(cuda_op, dtype, tolerance, half_grad, monkeypatch):
-    monkeypatch.setenv("SDO_MSDA_CUDA", f"half_grad={half_grad}")
+@pytest.mark.parametrize("setting", ["kernel=channel", "kernel=vector,half_grad=native",
+                                     "kernel=vector,half_grad=float32"])
+def test_cuda_forward_backward_match_reference(cuda_op, dtype, tolerance, setting, monkeypatch):
+    monkeypatch.setenv("SDO_MSDA_CUDA", setting)
     inputs = make_inputs(batch=2, n_heads=8, head_dim=32, shapes=((20, 27), (10, 14), (5, 7), (3, 4)), len_q=50,
                          n_points=4, spread=0.1, padded=True, dtype=torch.float32, seed=2, device=DEVICE)
     value, shapes, starts, loc, attn = inputs
@@ -61,7 +80,7 @@ TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.f
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [32, 64, 8, 5, 40, 66])
-def test_cuda_matches_float64_reference(cuda_op, dtype, head_dim):
+def test_cuda_matches_float64_reference(cuda_op, kernel, dtype, head_dim):
     inputs = make_inputs(batch=2, n_heads=3, head_dim=head_dim, shapes=((9, 13), (5, 7), (2, 3)), len_q=37,
                          n_points=3, spread=0.2, padded=True, dtype=torch.float32, seed=head_dim, device=DEVICE)
     value, shapes, starts, loc, attn = inputs
@@ -75,7 +94,7 @@ def test_cuda_matches_float64_reference(cuda_op, dtype, head_dim):
         assert _max_rel(got, want) <= grad_tolerance, name
 
 
-def test_cuda_matches_cpu_native(cuda_op):
+def test_cuda_matches_cpu_native(cuda_op, kernel):
     inputs = make_inputs(batch=2, n_heads=4, head_dim=40, shapes=((9, 13), (5, 7), (1, 1)), len_q=33, n_points=3,
                          spread=0.3, dtype=torch.float32, seed=4)
     grad_output = torch.randn(2, 33, 160)
@@ -98,7 +117,7 @@ def test_cuda_tuning_settings_agree(cuda_op, dtype, monkeypatch):
                     "forward_inner=heads,backward_inner=heads,points_split=1,half_grad=native",
                     "forward_inner=heads,backward_inner=queries,points_split=4,half_grad=float32",
                     "points_split=2", "points_split=auto"):
-        monkeypatch.setenv("SDO_MSDA_CUDA", setting)
+        monkeypatch.setenv("SDO_MSDA_CUDA", f"kernel=vector,{setting}")
         results[setting] = forward_and_grads(cuda_op, inputs, grad_output)
     (out0, grads0), (out1, _), *_ = results.values()
     assert torch.equal(out1, out0)  # one slice: every output element is summed in the same order
@@ -110,8 +129,10 @@ def test_cuda_tuning_settings_agree(cuda_op, dtype, monkeypatch):
         assert _max_rel(grads[0], grads0[0]) <= (1e-6 if dtype == torch.float32 else grad_tolerance)
 
 
-@pytest.mark.parametrize("setting", ["forward_inner=diagonal", "points_split=3", "half_grad=float8"])
+@pytest.mark.parametrize("setting", ["kernel=warp", "kernel", "forward_inner=diagonal", "points_split=3",
+                                     "half_grad=float8"])
 def test_cuda_rejects_unknown_tuning(cuda_op, monkeypatch, setting):
+    # Every setting is checked, also those that apply to the vector kernels only while the default runs.
     monkeypatch.setenv("SDO_MSDA_CUDA", setting)
     inputs = make_inputs(dtype=torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="SDO_MSDA_CUDA"):
@@ -133,7 +154,7 @@ def _border_locations(shapes, batch, len_q, n_heads, n_points):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_points_on_borders_and_outside(cuda_op, dtype):
+def test_cuda_points_on_borders_and_outside(cuda_op, kernel, dtype):
     shapes = ((6, 8), (3, 4))
     value, spatial_shapes, starts, _, attn = make_inputs(batch=2, n_heads=2, head_dim=8, shapes=shapes, len_q=20,
                                                          n_points=4, dtype=dtype, seed=9)
@@ -156,7 +177,7 @@ def test_cuda_points_on_borders_and_outside(cuda_op, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_misaligned_and_noncontiguous_inputs(cuda_op, dtype):
+def test_cuda_misaligned_and_noncontiguous_inputs(cuda_op, kernel, dtype):
     inputs = make_inputs(batch=2, n_heads=4, head_dim=32, shapes=((8, 9), (4, 5)), len_q=12, n_points=2, spread=0.1,
                          dtype=torch.float32, seed=13, device=DEVICE)
     value, shapes, starts, loc, attn = inputs
@@ -182,13 +203,37 @@ def test_cuda_misaligned_and_noncontiguous_inputs(cuda_op, dtype):
             assert _max_rel(got, want) <= grad_tolerance, name
 
 
-def test_cuda_levels_outside_value_are_empty(cuda_op):
-    # The CUDA path does not read the level table on the host: a level that does not fit in value
-    # contributes nothing (the CPU path raises ValueError instead, see test_ops_forward.py).
+def _inputs_with_a_level_past_value():
+    """Inputs whose level 2 (2x2) starts one token before the end of value; the starts that fit."""
     value, shapes, starts, loc, attn = make_inputs(batch=2, n_heads=2, head_dim=8, shapes=((6, 7), (3, 4), (2, 2)),
                                                    len_q=9, n_points=2, dtype=torch.float64, seed=17, device=DEVICE)
     bad_starts = starts.clone()
-    bad_starts[2] = value.shape[1] - 1  # the 2x2 level would run past S
+    bad_starts[2] = value.shape[1] - 1
+    return [value, shapes, bad_starts, loc, attn], starts
+
+
+@pytest.mark.parametrize("setting", [None, "kernel=channel", "points_split=2"])
+def test_cuda_default_kernel_is_channel(cuda_op, monkeypatch, setting):
+    # The default (no kernel= setting) is the verified channel kernel: like the CPU, it checks the
+    # level table on the host and raises ValueError; the vector kernel does not (next test).
+    if setting is None:
+        monkeypatch.delenv("SDO_MSDA_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("SDO_MSDA_CUDA", setting)
+    inputs, _ = _inputs_with_a_level_past_value()
+    grad_output = torch.randn(2, 9, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="level 2 .* exceeds value's S="):
+        cuda_op(*inputs, 64)
+    with pytest.raises(ValueError, match="level 2 .* exceeds value's S="):
+        torch.ops.sdo.ms_deform_attn_backward(grad_output, *inputs, 64)
+    monkeypatch.setenv("SDO_MSDA_CUDA", "kernel=vector" if setting is None else f"{setting},kernel=vector")
+    assert cuda_op(*inputs, 64).shape == (2, 9, 16)
+
+
+def test_cuda_levels_outside_value_are_empty(cuda_op, vector_kernel):
+    # The vector kernels do not read the level table on the host: a level that does not fit in value
+    # contributes nothing (the CPU and the channel kernel raise ValueError instead).
+    (value, shapes, bad_starts, loc, attn), starts = _inputs_with_a_level_past_value()
     grad_output = torch.randn(2, 9, 16, dtype=torch.float64, device=DEVICE)
     out, grads = forward_and_grads(cuda_op, [value, shapes, bad_starts, loc, attn], grad_output)
     attn_without = attn.clone()
@@ -201,7 +246,7 @@ def test_cuda_levels_outside_value_are_empty(cuda_op):
     assert _max_rel(grads[2][:, :, :, :2], grads_ref[2][:, :, :, :2]) <= 1e-10
 
 
-def test_cuda_64bit_index_path(cuda_op):
+def test_cuda_64bit_index_path(cuda_op, vector_kernel):
     # 60M items (batch * queries * heads): past the 32-bit limit of the fast path, so the 64-bit
     # instance runs; three chunks of 20M queries run the 32-bit one. float64 keeps the grad_value sums
     # exact enough to compare.
@@ -228,8 +273,9 @@ def test_cuda_64bit_index_path(cuda_op):
     assert _max_rel(grad_value, grad_value_sum) <= 1e-10
 
 
-def test_cuda_graph_capture(cuda_op):
-    # No host synchronisation inside the op: forward and backward can be captured and replayed.
+def test_cuda_graph_capture(cuda_op, vector_kernel):
+    # No host synchronisation inside the vector kernels' op: forward and backward can be captured and
+    # replayed (the channel kernel copies the level table to the host: not capturable).
     inputs = make_inputs(batch=2, n_heads=4, head_dim=32, shapes=((10, 12), (5, 6)), len_q=40, n_points=4,
                          spread=0.1, dtype=torch.float32, seed=23, device=DEVICE)
     value, shapes, starts, loc, attn = inputs
@@ -258,7 +304,7 @@ def test_cuda_graph_capture(cuda_op):
 
 
 @pytest.mark.parametrize("head_dim", [3, 4])  # scalar path; vector path (2 doubles, 2 lanes per item)
-def test_cuda_gradcheck_float64(cuda_op, head_dim):
+def test_cuda_gradcheck_float64(cuda_op, kernel, head_dim):
     value, shapes, starts, loc, attn = make_inputs(batch=1, n_heads=2, head_dim=head_dim, shapes=((4, 5), (2, 3)),
                                                    len_q=3, n_points=2, spread=0.2, seed=5, device=DEVICE,
                                                    requires_grad=True)
@@ -267,7 +313,7 @@ def test_cuda_gradcheck_float64(cuda_op, head_dim):
 
 
 @pytest.mark.parametrize("culprit", ["value", "sampling_loc", "attn_weight", "spatial_shapes"])
-def test_cuda_bad_input_raises_value_error_naming_it(cuda_op, culprit):
+def test_cuda_bad_input_raises_value_error_naming_it(cuda_op, kernel, culprit):
     value, shapes, starts, loc, attn = make_inputs(dtype=torch.float32, device=DEVICE)
     bad = {"value": (value[0], shapes, starts, loc, attn),
            "sampling_loc": (value, shapes, starts, loc[..., :1], attn),

@@ -1,6 +1,8 @@
-"""The CUDA kernels compile with nvcc for every architecture from sm_70 to sm_90 that the toolkit offers.
+"""Both sets of CUDA kernels compile with nvcc for every architecture from sm_70 to sm_90 that the toolkit
+offers: the default ones (csrc/cuda/ms_deform_attn_kernels.cuh) and the vector ones
+(ms_deform_attn_vector_kernels.cuh, SDO_MSDA_CUDA=kernel=vector), in one nvcc call.
 
-No CUDA build of torch is needed: csrc/cuda/ms_deform_attn_kernels.cuh includes only CUDA headers.
+No CUDA build of torch is needed: the two headers include only CUDA headers.
 CUDA 13 dropped sm_70 (Volta); then the test compiles sm_75..sm_90. SDO_REQUIRE_NVCC_CHECK=1 turns
 a missing nvcc into a failure instead of a skip.
 """
@@ -11,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-KERNELS = Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "ms_deform_attn_kernels.cuh"
+KERNELS = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 WANTED_ARCHS = (70, 75, 80, 86, 89, 90)
 # (scalar_t, acc_t, grad_t) triples the torch binding dispatches to: grad_value accumulates in acc_t, or
-# in the 16-bit type itself (paired atomics on sm_90+).
+# (vector kernels) in the 16-bit type itself (paired atomics on sm_90+).
 TYPES = (("float", "float", "float"), ("double", "double", "double"), ("__half", "float", "float"),
          ("__half", "float", "__half"), ("__nv_bfloat16", "float", "float"),
          ("__nv_bfloat16", "float", "__nv_bfloat16"))
@@ -32,13 +34,25 @@ def _nvcc() -> str | None:
 
 
 def _instantiations() -> str:
-    lines = [f'#include "{KERNELS.as_posix()}"', "namespace sdo { namespace cuda {"]
-    for scalar, acc in dict.fromkeys((scalar, acc) for scalar, acc, _ in TYPES):
-        lines.append(f"template cudaError_t launch_forward<{scalar}, {acc}>(const {scalar}*, const int64_t*,"
-                     f" const int64_t*, const {acc}*, const {acc}*, {scalar}*, Dims, bool, int, cudaStream_t);")
+    lines = [f'#include "{(KERNELS / name).as_posix()}"'
+             for name in ("ms_deform_attn_kernels.cuh", "ms_deform_attn_vector_kernels.cuh")]
+    pairs = dict.fromkeys((scalar, acc) for scalar, acc, _ in TYPES)
+    lines.append("namespace sdo { namespace cuda {")  # the default kernels
+    for scalar, acc in pairs:
+        lines += [
+            (f"template cudaError_t launch_forward<{scalar}, {acc}>(const {scalar}*, const int64_t*, const int64_t*,"
+             f" const {acc}*, const {acc}*, {scalar}*, Dims, cudaStream_t);"),
+            (f"template cudaError_t launch_backward<{scalar}, {acc}>(const {scalar}*, const {scalar}*, const int64_t*,"
+             f" const int64_t*, const {acc}*, const {acc}*, {acc}*, {acc}*, {acc}*, Dims, cudaStream_t);"),
+        ]
         if scalar != acc:
             lines.append(f"template cudaError_t launch_cast<{scalar}, {acc}>(const {acc}*, {scalar}*, int64_t,"
                          " cudaStream_t);")
+    lines.append("}}")
+    lines.append("namespace sdo { namespace cuda_vector {")
+    for scalar, acc in pairs:
+        lines.append(f"template cudaError_t launch_forward<{scalar}, {acc}>(const {scalar}*, const int64_t*,"
+                     f" const int64_t*, const {acc}*, const {acc}*, {scalar}*, Dims, bool, int, cudaStream_t);")
     for scalar, acc, grad in TYPES:
         lines.append(f"template cudaError_t launch_backward<{scalar}, {acc}, {grad}>(const {scalar}*, const {scalar}*,"
                      f" const int64_t*, const int64_t*, const {acc}*, const {acc}*, {grad}*, {acc}*, {acc}*, Dims,"
