@@ -110,31 +110,64 @@ def ops_bench(quick: bool, repeat, no_memory: bool, out) -> None:
 
 
 @bench.command("train")
-@click.option("--config", "config_path", default="configs/demo.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="Model/loss config to benchmark.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Model/loss config to benchmark [default: configs/demo.yaml; with --device, "
+                   "configs/r50_sparse_detr_rho0.1.yaml].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
+              help="Time one process's training step on this device (images/s, GPU busy, launches, syncs, memory "
+                   "per precision mode) instead of comparing Ray Train with bare and DDP loops on the CPU.")
+@click.option("--modes", default=None,
+              help="With --device: comma-separated <precision>[+<lever>...], precisions fp32, tf32, bf16, levers "
+                   "channels_last, foreach, compile [default: fp32,tf32,bf16 on cuda, fp32 on cpu].")
+@click.option("--reference", "reference", default=None, type=click.Path(file_okay=False, exists=True),
+              help="With --device: also run --reference-modes on this other sdo checkout (before vs after).")
+@click.option("--reference-modes", default="fp32,bf16", show_default=True, help="Modes of the --reference checkout.")
+@click.option("--height", default=800, show_default=True, type=click.IntRange(min=64), help="With --device: image height.")
+@click.option("--width", default=1066, show_default=True, type=click.IntRange(min=64), help="With --device: image width.")
+@click.option("--no-profile", is_flag=True, help="With --device: skip the profiled step (counts, GPU busy).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=2), help="processes of ddp / ray")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="timed steps per mode")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="timed steps per mode [default: 20; 10 with --device]")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="untimed steps first")
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="interleaved rounds of all modes")
-@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="images per process")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="images per process [default: 2; 4 with --device]")
 @click.option("--image-size", default=128, show_default=True, type=click.IntRange(min=32),
               help="synthetic image side (px); also caps the train scales")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
-def train_command(config_path, overrides, workers, steps, warmup, repeats, batch_size, image_size, out) -> None:
-    """Seconds per step: Ray Train loop vs bare single process vs torch DDP (gloo), same model and data."""
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="also write the JSON here (with --device, rewritten after every mode)")
+def train_command(config_path, overrides, device, modes, reference, reference_modes, height, width, no_profile,
+                  workers, steps, warmup, repeats, batch_size, image_size, out) -> None:
+    """Seconds per step: Ray Train loop vs bare single process vs torch DDP (gloo), same model and data;
+    with --device, one process's training step per precision mode on that device."""
     import json
     from pathlib import Path
 
-    from orchestrator.bench import train as bench_train
+    def write(report: dict) -> None:
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
-    scales = [f"data.train_scales=[{image_size}]", f"data.max_size={image_size}"]
-    report = bench_train.run(config_path=config_path, overrides=(*scales, *overrides), workers=workers, steps=steps,
-                             warmup=warmup, batch_size=batch_size, image_size=image_size, repeats=repeats)
+    if device is None and (modes or reference):
+        raise ValueError("--modes and --reference go with --device (the one-process step benchmark)")
+    if device is not None:
+        from orchestrator.bench import train_device
+
+        mode_list = train_device.parse_modes(modes or ("fp32,tf32,bf16" if device == "cuda" else "fp32"))
+        reference_list = train_device.parse_modes(reference_modes) if reference else []
+        report = train_device.run(modes=mode_list, device=device, config_path=config_path or train_device.DEFAULT_CONFIG,
+                                  overrides=overrides, batch_size=batch_size or 4, height=height, width=width,
+                                  warmup=warmup, steps=steps or 10, reference=reference,
+                                  reference_modes=reference_list, profile=not no_profile, on_entry=write)
+    else:
+        from orchestrator.bench import train as bench_train
+
+        scales = [f"data.train_scales=[{image_size}]", f"data.max_size={image_size}"]
+        report = bench_train.run(config_path=config_path or "configs/demo.yaml", overrides=(*scales, *overrides),
+                                 workers=workers, steps=steps or 20, warmup=warmup, batch_size=batch_size or 2,
+                                 image_size=image_size, repeats=repeats)
     text = json.dumps(report, indent=2)
     click.echo(text)
-    if out:
-        Path(out).write_text(text + "\n")
+    write(report)
 
 
 @bench.command("demo")
