@@ -93,7 +93,7 @@ def overfit(precision: str, batch, gt, *, device, config_path: str, overrides: t
             "AP50": round(float(metrics["AP50"]), 4), "AP": round(float(metrics["AP"]), 4)}
 
 
-def run(*, device: str, precisions=("fp32", "bf16"), steps: int = 150, num_images: int = 8, size: int = 256,
+def run(*, device: str, precisions=("fp32", "bf16"), steps: int = 150, num_images: int = 8, size: int = 160,
         config_path: str = DEFAULT_CONFIG, overrides: tuple[str, ...] = (), log_every: int = 10) -> dict:
     """Every precision on the same batch -> JSON-ready report; a precision that fails is reported with its
     error and the others still run."""

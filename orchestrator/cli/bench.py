@@ -231,18 +231,22 @@ def _subset(option: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]
 @click.option("--rhos", default="0,0.1,0.2,0.3,0.5", show_default=True, help="keep ratios; 0 = dense (Deformable DETR)")
 @click.option("--batch-sizes", default="1,4", show_default=True)
 @click.option("--ops", "ops_", default="native,reference", show_default=True, help="deformable-attention op (first = base)")
-@click.option("--modes", default="eager,compile", show_default=True, help="eager and/or torch.compile (first = base)")
+@click.option("--modes", default="eager,compile", show_default=True,
+              help="eager, compile (torch.compile) and/or cudagraphs (torch.compile with CUDA graphs) (first = base)")
 @click.option("--dtypes", default="fp32,bf16", show_default=True,
               help="fp32 and/or bf16 autocast, where the device computes in bf16 (first = base)")
 @click.option("--cross", is_flag=True, help="every op x mode x dtype [default: the base and one axis changed at a time]")
+@click.option("--settings", default=None,
+              help="comma-separated <op>-<mode>-<dtype> (e.g. native-eager-fp32,native-cudagraphs-bf16), each at "
+                   "every rho and batch size, instead of --ops/--modes/--dtypes")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=1), help="untimed iterations per cell")
 @click.option("--iters", default=2, show_default=True, type=click.IntRange(min=1), help="timed iterations per cell")
 @click.option("--backbone", default="resnet50", show_default=True)
 @click.option("--device", default=None, help="cpu | cuda [default: cuda when there is one]")
 @click.option("--quick", is_flag=True, help="dense and rho 0.1, batch 1, one timed iteration: checks the harness")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
-def model_command(height, width, shards, rhos, batch_sizes, ops_, modes, dtypes, cross, warmup, iters, backbone,
-                  device, quick, out) -> None:
+def model_command(height, width, shards, rhos, batch_sizes, ops_, modes, dtypes, cross, settings, warmup, iters,
+                  backbone, device, quick, out) -> None:
     """Detector FPS (paper convention) with GFLOPs: dense vs rho, native vs reference op, eager vs
     torch.compile, fp32 vs bf16."""
     import json
@@ -254,13 +258,70 @@ def model_command(height, width, shards, rhos, batch_sizes, ops_, modes, dtypes,
     op_list = _subset("--ops", ops_, bench_model.OPS)
     mode_list = _subset("--modes", modes, bench_model.MODES)
     dtype_list = _subset("--dtypes", dtypes, bench_model.DTYPES)
+    setting_list = [bench_model.Setting.parse(n.strip()).name for n in settings.split(",") if n.strip()] \
+        if settings else None
     if quick:
         rho_list, batch_list, iters = (0.0, 0.1), (1,), 1
     report = bench_model.run(height=height, width=width, rhos=rho_list, batch_sizes=batch_list, ops=op_list,
                              modes=mode_list, dtypes=dtype_list, cross=cross, warmup=warmup, iters=iters,
-                             backbone=backbone, shards=shards, device=device)
+                             backbone=backbone, shards=shards, device=device, settings=setting_list,
+                             on_cell=lambda cells: out and Path(out).write_text(
+                                 json.dumps({"benchmark": "model", "partial": True, "cells": cells}, indent=2)))
     report["config"]["quick"] = quick
     text = json.dumps(report, indent=2)
     click.echo(text)
     if out:
         Path(out).write_text(text + "\n")
+
+
+@bench.command("overfit")
+@click.option("--device", default=None, help="cpu | cuda [default: cuda when there is one]")
+@click.option("--precisions", default="fp32,bf16", show_default=True, help="comma-separated: fp32, tf32, bf16")
+@click.option("--steps", default=150, show_default=True, type=click.IntRange(min=1))
+@click.option("--images", default=8, show_default=True, type=click.IntRange(min=1), help="synthetic images in the batch")
+@click.option("--size", default=160, show_default=True, type=click.IntRange(min=32), help="synthetic image side (px)")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Model/loss config [default: configs/r50_sparse_detr_rho0.1.yaml].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
+def overfit_command(device, precisions, steps, images, size, config_path, overrides, out) -> None:
+    """Fixed-batch overfit per precision: loss curve and AP50 on the batch (does bf16 learn what fp32 learns?)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from orchestrator.bench import overfit as bench_overfit
+    from orchestrator.bench.train_device import DEFAULT_CONFIG
+
+    chosen = _subset("--precisions", precisions, bench_overfit.PRECISIONS)
+    report = bench_overfit.run(device=device or ("cuda" if torch.cuda.is_available() else "cpu"), precisions=chosen,
+                               steps=steps, num_images=images, size=size, config_path=config_path or DEFAULT_CONFIG,
+                               overrides=overrides)
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
+@bench.command("gpu-check")
+@click.option("--out", default="runs/gpu_check/gpu_check.json", show_default=True, type=click.Path(dir_okay=False),
+              help="The report (rewritten after every stage); the stages' output goes next to it (.log).")
+@click.option("--stages", default="env,build,tests,ops,model,train,overfit",
+              show_default=True, help="comma-separated subset, run in this order")
+@click.option("--reference", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Another sdo checkout whose training step the train stage also times (before vs after).")
+@click.option("--no-build", is_flag=True, help="Use the op already built under $SDO_OPS_CACHE.")
+@click.option("--cpu-dry-run", is_flag=True, help="Every stage on tiny CPU sizes: checks the harness, not the GPU.")
+def gpu_check_command(out, stages, reference, no_build, cpu_dry_run) -> None:
+    """Everything that needs a GPU in one run of a few minutes (`just gpu-check`): build for this GPU, CUDA
+    tests, op / model / training benchmarks, fp32 and bf16 overfits; one JSON and a summary table."""
+    from orchestrator.bench import gpu_check
+
+    chosen = _subset("--stages", stages, gpu_check.STAGES)
+    report = gpu_check.run(out, stages=chosen, dry_run=cpu_dry_run, build=not no_build, reference=reference,
+                           echo=click.echo)
+    failed = [name for name, stage in report["stages"].items() if not stage["ok"]]
+    if failed:
+        raise gpu_check.GpuCheckFailed(f"gpu-check: stages failed: {', '.join(failed)} (see {out})")

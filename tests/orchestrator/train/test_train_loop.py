@@ -106,7 +106,7 @@ def test_bench_summary_takes_the_slowest_rank():
 def test_optimizer_is_fused_also_after_loading_an_unfused_state(setup):
     """Checkpoints written before AdamW was fused carry fused=None and host step counts: loading one must
     leave the optimizer fused, and a step after it must give what the unfused optimizer gives."""
-    model, criterion, optimizer, _ = _build(setup[0], [])
+    model, _, optimizer, _ = _build(setup[0], [])
     assert all(g["fused"] for g in optimizer.param_groups)
     unfused = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in optimizer.param_groups],
                                 weight_decay=1e-4, foreach=False)
