@@ -77,6 +77,12 @@ ui: setup
 bench what="ops" *args="": setup
     {{sdo}} bench {{what}} {{args}}
 
+# Everything that needs a GPU, in a few minutes (H200: about 5): build the op for this GPU, CUDA tests, op /
+# model / training benchmarks, fp32 and bf16 overfits -> runs/gpu_check/gpu_check.json and a summary table.
+# `just gpu-check --cpu-dry-run` checks the harness on tiny CPU sizes; `--stages`, `--reference DIR`, `--no-build`.
+gpu-check *args: setup
+    {{sdo}} bench gpu-check {{args}}
+
 # Docker image with the ops prebuilt for sm_70-sm_90 (needs a Docker engine).
 image tag="sdo:latest":
     docker build -f deploy/Dockerfile -t {{tag}} .

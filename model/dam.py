@@ -10,13 +10,14 @@ from torch import Tensor
 
 
 def attn_map_to_flat_grid(spatial_shapes: Tensor, level_start_index: Tensor,
-                          sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+                          sampling_locations: Tensor, attention_weights: Tensor, num_tokens: int | None = None) -> Tensor:
     """Splat attention weights onto the flattened multi-level token grid.
 
     spatial_shapes [L, 2] (H_l, W_l); level_start_index [L];
     sampling_locations [B, n_layers, Len_q, n_heads, L, P, 2] normalised (x, y) in [0, 1];
     attention_weights [B, n_layers, Len_q, n_heads, L, P]
-    -> [B, S] float32, S = sum_l H_l * W_l, summed over layers, queries, heads and points.
+    num_tokens: S = sum_l H_l * W_l when the caller knows it (else read from spatial_shapes: a device sync)
+    -> [B, S] float32, summed over layers, queries, heads and points.
 
     As the official util/dam.py, a location x maps to column x * W_l (no half-pixel shift) and
     corners that fall outside the level contribute nothing.
@@ -31,21 +32,21 @@ def attn_map_to_flat_grid(spatial_shapes: Tensor, level_start_index: Tensor,
     locations = sampling_locations.float().transpose(-2, -3).reshape(batch, -1, n_levels, 2)
     weights = attention_weights.float().transpose(-1, -2).reshape(batch, -1, n_levels)
 
-    width_height = spatial_shapes.flip(-1)  # (W_l, H_l), matching (x, y)
-    col_row = locations * width_height
+    height, width = spatial_shapes.unbind(-1)  # [L] each, broadcast over [B, N, L]
+    col_row = locations * spatial_shapes.flip(-1)  # (x * W_l, y * H_l)
     col_row_low = col_row.floor()
     frac = col_row - col_row_low  # [B, N, L, 2]
-    col_row_low = col_row_low.long()
+    col_low, row_low = col_row_low.long().unbind(-1)
 
-    num_tokens = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    if num_tokens is None:
+        num_tokens = int((height * width).sum())
     flat_grid = torch.zeros(batch, num_tokens, dtype=torch.float32, device=weights.device)
     for dx in (0, 1):
         for dy in (0, 1):
-            corner = col_row_low + torch.tensor([dx, dy], device=col_row_low.device)
+            col, row = col_low + dx if dx else col_low, row_low + dy if dy else row_low
             bilinear = (frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
-            inside = ((corner >= 0) & (corner < width_height)).all(-1)
-            index = corner[..., 1] * spatial_shapes[:, 1] + corner[..., 0] + level_start_index
-            index = torch.where(inside, index, torch.zeros_like(index))
+            inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
+            index = torch.where(inside, row * width + col + level_start_index, 0)
             flat_grid.scatter_add_(1, index.flatten(1), (weights * bilinear * inside).flatten(1))
     return flat_grid
 
@@ -60,13 +61,16 @@ def dam_target(outputs: dict) -> Tensor:
     for key in ("sampling_locations_dec", "attn_weights_dec", "spatial_shapes", "level_start_index", "sparse_token_nums"):
         if key not in outputs:
             raise KeyError(f"dam_target: model outputs lack {key!r} (is rho > 0?)")
+    num_tokens = outputs["mask_flatten"].shape[1] if "mask_flatten" in outputs else None
     attn_map = attn_map_to_flat_grid(outputs["spatial_shapes"], outputs["level_start_index"],
-                                     outputs["sampling_locations_dec"], outputs["attn_weights_dec"])
+                                     outputs["sampling_locations_dec"], outputs["attn_weights_dec"], num_tokens)
     if "mask_flatten" in outputs:
         # below every real token, so padding is never in the top-k of valid tokens
-        attn_map = attn_map.masked_fill(outputs["mask_flatten"], attn_map.min() - 1)
+        attn_map = attn_map.masked_fill(outputs["mask_flatten"], float("-inf"))
     sparse_token_nums = outputs["sparse_token_nums"].to(attn_map.device)
-    num_topk = int(sparse_token_nums.max())
+    # the model's selection has max(sparse_token_nums) columns: its shape says it without asking the device
+    topk = outputs.get("backbone_topk_proposals")
+    num_topk = topk.shape[1] if topk is not None else int(sparse_token_nums.max())
     topk_index = attn_map.topk(num_topk, dim=1).indices  # [B, k]
     keep = torch.arange(num_topk, device=attn_map.device)[None] < sparse_token_nums[:, None]
     target = torch.zeros_like(attn_map)

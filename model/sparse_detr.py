@@ -157,11 +157,16 @@ class SparseDETR(nn.Module):
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": t["enc_outputs_class"],
                                   "pred_boxes": t["enc_outputs_coord_unact"].sigmoid()}
+        num_kept = None
         if "backbone_mask_prediction" in t:
+            # the transformer selects the most tokens an image of this size can keep; cut to the batch's most.
+            # Reading it from the device here, with the whole forward queued, stalls nothing (mid-forward it
+            # would); exported graphs take whole images, which keep exactly that many
+            num_kept = None if torch.compiler.is_exporting() else int(t["sparse_token_nums"].max())
             out["backbone_mask_prediction"] = t["backbone_mask_prediction"]
             out["sparse_token_nums"] = t["sparse_token_nums"]
-            out["backbone_topk_proposals"] = t["backbone_topk_proposals"]
+            out["backbone_topk_proposals"] = t["backbone_topk_proposals"][:, :num_kept]
         if self.use_enc_aux_loss:
-            out["aux_outputs_enc"] = [{"pred_logits": c, "pred_boxes": b}
+            out["aux_outputs_enc"] = [{"pred_logits": c[:, :num_kept], "pred_boxes": b[:, :num_kept]}
                                       for c, b in zip(t["enc_aux_logits"], t["enc_aux_boxes"])]
         return out

@@ -49,7 +49,9 @@ class DeformableTransformer(nn.Module):
     - hs [n_dec, B, Q, C]; init_reference [B, Q, 2 or 4]; references list n_dec of [B, Q, 2 or 4]
       (the input reference of every decoder layer, normalised to the valid image)
     - enc_outputs_class [B, S, num_classes], enc_outputs_coord_unact [B, S, 4]   (two_stage)
-    - backbone_mask_prediction [B, S], sparse_token_nums [B], backbone_topk_proposals [B, K]   (rho > 0)
+    - backbone_mask_prediction [B, S], sparse_token_nums [B], backbone_topk_proposals [B, K]   (rho > 0),
+      K = min(int(S * rho) + 1, S): the most tokens an image of S tokens keeps (an image's picks past its
+      own sparse_token_nums are surplus: the encoder runs them but never writes them back)
     - enc_aux_logits / enc_aux_boxes: lists (n_enc - 1) of [B, K, num_classes] / [B, K, 4]   (use_enc_aux_loss)
     - sampling_locations_dec [B, n_dec, Q, n_heads, L, P, 2], attn_weights_dec [B, n_dec, Q, n_heads, L, P]
     - mask_flatten [B, S], spatial_shapes [L, 2], level_start_index [L], valid_ratios [B, L, 2]
@@ -147,7 +149,8 @@ class DeformableTransformer(nn.Module):
         src_flatten, mask_flatten, lvl_pos_flatten, spatial_shape_list = [], [], [], []
         for level, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds)):
             spatial_shape_list.append((src.shape[2], src.shape[3]))
-            src_flatten.append(src.flatten(2).transpose(1, 2))
+            # [B, C, H, W] -> [B, HW, C]: a view in both memory formats (flatten(2) copies a channels_last map)
+            src_flatten.append(src.permute(0, 2, 3, 1).flatten(1, 2))
             mask_flatten.append(mask.flatten(1))
             lvl_pos_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)
@@ -158,7 +161,9 @@ class DeformableTransformer(nn.Module):
             spatial_shapes = torch.stack([torch.stack([torch.scalar_tensor(size, dtype=torch.long, device=src_flatten.device)
                                                        for size in shape]) for shape in spatial_shape_list])
         else:
-            spatial_shapes = torch.as_tensor(spatial_shape_list, dtype=torch.long, device=src_flatten.device)
+            # built on the host, copied without waiting: a blocking copy would wait for the device
+            spatial_shapes = torch.as_tensor(spatial_shape_list, dtype=torch.long).to(src_flatten.device,
+                                                                                      non_blocking=True)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         batch, num_tokens, channels = src_flatten.shape
@@ -174,12 +179,13 @@ class DeformableTransformer(nn.Module):
             valid_token_nums = (~mask_flatten).sum(-1)
             # float64 so that int(valid * rho) matches Python's arithmetic exactly (float32 may round 9.0 to 8.99)
             sparse_token_nums = torch.minimum((valid_token_nums.double() * self.rho).long() + 1, valid_token_nums)
-            if torch.compiler.is_exporting():
-                # exported graphs take whole, unpadded images (model.inference): every token is valid, so
-                # K follows from the shapes, and stays symbolic instead of a value read from the data
+            # the encoder runs the most tokens an image of this size can keep, a number the shapes tell: the
+            # batch's own most, max(sparse_token_nums), is a value on the device, and reading it here would
+            # stall the forward; the picks past it are surplus (never written back) and SparseDETR cuts them
+            if torch.compiler.is_exporting():  # sizes stay symbolic in exported graphs
                 num_selected = torch.sym_min(torch.sym_int(num_tokens * self.rho) + 1, num_tokens)
             else:
-                num_selected = min(int(sparse_token_nums.max()), num_tokens)
+                num_selected = min(int(num_tokens * self.rho) + 1, num_tokens)
             mask_prediction = self.enc_mask_predictor(backbone_memory, mask_flatten).squeeze(-1)
             # padding scores below every real token, so an image's first sparse_token_nums picks are valid
             mask_prediction = mask_prediction.masked_fill(mask_flatten, torch.finfo(mask_prediction.dtype).min)

@@ -184,7 +184,8 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
 def normalize_batch(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] + mask [B, H, W] (True = pad) -> float32 [B, 3, H, W], ImageNet-normalised and
     zero at the padding, on the tensors' device: per image, the numbers of `normalize`."""
-    scale, shift = _SCALE.to(images.device), _NEG_SHIFT.to(images.device)
+    # non-blocking: a blocking host -> device copy would wait for everything queued on the device
+    scale, shift = _SCALE.to(images.device, non_blocking=True), _NEG_SHIFT.to(images.device, non_blocking=True)
     return images.float().mul_(scale).add_(shift).masked_fill_(mask.unsqueeze(1), 0.0)
 
 

@@ -8,7 +8,8 @@ Sparse DETR), the official R50 settings; weights are random (speed does not depe
 sparsity does not either: the token count is rho x valid tokens).
 
 A cell is one (setting, rho, batch): setting = (op, mode, dtype) with op native | reference,
-mode eager | compile (torch.compile, default inductor) and dtype fp32 | bf16 (autocast). Every cell
+mode eager | compile (torch.compile, default inductor) | cudagraphs (torch.compile with CUDA graphs,
+mode reduce-overhead: one launch replays the whole graph) and dtype fp32 | bf16 (autocast). Every cell
 of a setting runs in this process, so `vs_dense` (the FPS of each rho over the dense FPS of the same
 setting and batch) compares like with like. A compiled cell also reports `compile_seconds` (its
 first call, which traces and compiles, minus one eager-speed call) and `break_even_images` (how many
@@ -29,7 +30,8 @@ from pathlib import Path
 import torch
 
 OPS = ("native", "reference")
-MODES = ("eager", "compile")
+MODES = ("eager", "compile", "cudagraphs")
+COMPILE_MODES = {"compile": "default", "cudagraphs": "reduce-overhead"}  # bench mode -> torch.compile mode
 DTYPES = ("fp32", "bf16")
 DEFAULT_RHOS = (0.0, 0.1, 0.2, 0.3, 0.5)
 
@@ -43,6 +45,15 @@ class Setting:
     @property
     def name(self) -> str:
         return f"{self.op}-{self.mode}-{self.dtype}"
+
+    @classmethod
+    def parse(cls, name: str) -> Setting:
+        """'native-cudagraphs-bf16' -> Setting; ValueError names a bad one."""
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] not in OPS or parts[1] not in MODES or parts[2] not in DTYPES:
+            raise ValueError(f"--settings: {name!r} is not <op>-<mode>-<dtype> with an op of {', '.join(OPS)}, "
+                             f"a mode of {', '.join(MODES)} and a dtype of {', '.join(DTYPES)}")
+        return cls(*parts)
 
 
 def bf16_supported(device: torch.device) -> tuple[bool, str]:
@@ -174,7 +185,8 @@ def time_calls(forward, inputs, device: torch.device, count: int) -> list[float]
 def measure_cell(model, setting: Setting, inputs, device: torch.device, *, warmup: int, iters: int) -> dict:
     """One (setting, rho, batch) cell: warm-up, then `iters` timed calls -> FPS and times."""
     amp = torch.bfloat16 if setting.dtype == "bf16" else None
-    forward_module = torch.compile(model) if setting.mode == "compile" else model
+    compiled = setting.mode in COMPILE_MODES
+    forward_module = torch.compile(model, mode=COMPILE_MODES[setting.mode]) if compiled else model
 
     @torch.no_grad()
     def forward(images, mask):
@@ -190,8 +202,8 @@ def measure_cell(model, setting: Setting, inputs, device: torch.device, *, warmu
     cell = {"fps": round(batch * iters / total, 4), "seconds_per_image": round(total / (batch * iters), 6),
             "median_seconds_per_iter": round(statistics.median(timed), 4), "first_call_seconds": round(first, 3),
             "timed_iters": iters, "warmup_iters": max(warmup, 1)}
-    if setting.mode == "compile":
-        # the first call compiles and then runs once at compiled speed
+    if compiled:
+        # the first call compiles and then runs once at compiled speed (with CUDA graphs: and records them)
         cell["compile_seconds"] = round(max(first - statistics.median(timed), 0.0), 3)
     return cell
 
@@ -210,7 +222,7 @@ def add_compile_payback(cells: list[dict]) -> None:
     cell of the same op, dtype, rho and batch (None when compiling saves nothing)."""
     eager = {(c["op"], c["dtype"], c["rho"], c["batch"]): c for c in cells if c["mode"] == "eager"}
     for c in cells:
-        if c["mode"] != "compile":
+        if c["mode"] not in COMPILE_MODES:
             continue
         base = eager.get((c["op"], c["dtype"], c["rho"], c["batch"]))
         if base is None:
@@ -224,8 +236,11 @@ def add_compile_payback(cells: list[dict]) -> None:
 def run(*, height: int = 850, width: int = 1040, rhos=DEFAULT_RHOS, batch_sizes=(1, 4), ops=OPS, modes=MODES,
         dtypes=DTYPES, cross: bool = False, warmup: int = 1, iters: int = 2, backbone: str = "resnet50",
         shards: str | None = None, device: str | None = None, threads: int | None = None,
-        model_overrides: dict | None = None, progress: bool = True) -> dict:
-    """Measure every cell; returns the JSON-able report (see the module docstring)."""
+        model_overrides: dict | None = None, progress: bool = True, settings: list[str] | None = None,
+        on_cell=None) -> dict:
+    """Measure every cell; returns the JSON-able report (see the module docstring). `settings` (names such as
+    'native-cudagraphs-bf16') replaces the ops / modes / dtypes axes: each is measured at every rho and batch.
+    ``on_cell(cells)`` sees the cells measured so far after each one (to keep them if the run is cut short)."""
     from tqdm import tqdm
 
     from model import ms_deform_attn as msda
@@ -244,7 +259,15 @@ def run(*, height: int = 850, width: int = 1040, rhos=DEFAULT_RHOS, batch_sizes=
     if "native" in ops and not msda.native_available(device):
         skipped.append(f"native op: not built for {device.type} (sdo ops build)")
         ops = tuple(o for o in ops if o != "native") or ("reference",)
-    settings = settings_for(ops, modes, dtypes, cross=cross)
+    if settings:
+        chosen = [Setting.parse(name) for name in settings]
+        available = [s for s in chosen if (s.dtype != "bf16" or bf16_ok)
+                     and (s.op != "native" or msda.native_available(device))]
+        skipped += [f"{s.name}: not available on {device.type}" for s in chosen if s not in available]
+        settings = available or [Setting(ops[0], "eager", "fp32")]
+        cross = True
+    else:
+        settings = settings_for(ops, modes, dtypes, cross=cross)
     need = max(batch_sizes) * max(warmup, 1) if shards else max(batch_sizes)
     images = shard_images(shards, need) if shards else random_images(max(batch_sizes), height, width)
     inputs = {b: batches(images, b, device) for b in batch_sizes if len(images) >= b}
@@ -264,7 +287,9 @@ def run(*, height: int = 850, width: int = 1040, rhos=DEFAULT_RHOS, batch_sizes=
                 cells.append({"setting": setting.name, "op": setting.op, "mode": setting.mode, "dtype": setting.dtype,
                               "rho": rho, "batch": batch, **cell, "gflops": gflops[rho]})
                 bar.update(1)
-                if setting.mode == "compile":
+                if on_cell is not None:
+                    on_cell(cells)
+                if setting.mode in COMPILE_MODES:
                     torch._dynamo.reset()  # every compiled cell pays its own compile time
         del model
     bar.close()

@@ -119,31 +119,64 @@ def ops_bench(quick: bool, repeat, no_memory: bool, device: str, dtypes: str, ke
 
 
 @bench.command("train")
-@click.option("--config", "config_path", default="configs/demo.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="Model/loss config to benchmark.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Model/loss config to benchmark [default: configs/demo.yaml; with --device, "
+                   "configs/r50_sparse_detr_rho0.1.yaml].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
+              help="Time one process's training step on this device (images/s, GPU busy, launches, syncs, memory "
+                   "per precision mode) instead of comparing Ray Train with bare and DDP loops on the CPU.")
+@click.option("--modes", default=None,
+              help="With --device: comma-separated <precision>[+<lever>...], precisions fp32, tf32, bf16, levers "
+                   "channels_last, foreach, compile [default: fp32,tf32,bf16 on cuda, fp32 on cpu].")
+@click.option("--reference", "reference", default=None, type=click.Path(file_okay=False, exists=True),
+              help="With --device: also run --reference-modes on this other sdo checkout (before vs after).")
+@click.option("--reference-modes", default="fp32,bf16", show_default=True, help="Modes of the --reference checkout.")
+@click.option("--height", default=800, show_default=True, type=click.IntRange(min=64), help="With --device: image height.")
+@click.option("--width", default=1066, show_default=True, type=click.IntRange(min=64), help="With --device: image width.")
+@click.option("--no-profile", is_flag=True, help="With --device: skip the profiled step (counts, GPU busy).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=2), help="processes of ddp / ray")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="timed steps per mode")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="timed steps per mode [default: 20; 10 with --device]")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0), help="untimed steps first")
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="interleaved rounds of all modes")
-@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="images per process")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="images per process [default: 2; 4 with --device]")
 @click.option("--image-size", default=128, show_default=True, type=click.IntRange(min=32),
               help="synthetic image side (px); also caps the train scales")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
-def train_command(config_path, overrides, workers, steps, warmup, repeats, batch_size, image_size, out) -> None:
-    """Seconds per step: Ray Train loop vs bare single process vs torch DDP (gloo), same model and data."""
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="also write the JSON here (with --device, rewritten after every mode)")
+def train_command(config_path, overrides, device, modes, reference, reference_modes, height, width, no_profile,
+                  workers, steps, warmup, repeats, batch_size, image_size, out) -> None:
+    """Seconds per step: Ray Train loop vs bare single process vs torch DDP (gloo), same model and data;
+    with --device, one process's training step per precision mode on that device."""
     import json
     from pathlib import Path
 
-    from orchestrator.bench import train as bench_train
+    def write(report: dict) -> None:
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
-    scales = [f"data.train_scales=[{image_size}]", f"data.max_size={image_size}"]
-    report = bench_train.run(config_path=config_path, overrides=(*scales, *overrides), workers=workers, steps=steps,
-                             warmup=warmup, batch_size=batch_size, image_size=image_size, repeats=repeats)
+    if device is None and (modes or reference):
+        raise ValueError("--modes and --reference go with --device (the one-process step benchmark)")
+    if device is not None:
+        from orchestrator.bench import train_device
+
+        mode_list = train_device.parse_modes(modes or ("fp32,tf32,bf16" if device == "cuda" else "fp32"))
+        reference_list = train_device.parse_modes(reference_modes) if reference else []
+        report = train_device.run(modes=mode_list, device=device, config_path=config_path or train_device.DEFAULT_CONFIG,
+                                  overrides=overrides, batch_size=batch_size or 4, height=height, width=width,
+                                  warmup=warmup, steps=steps or 10, reference=reference,
+                                  reference_modes=reference_list, profile=not no_profile, on_entry=write)
+    else:
+        from orchestrator.bench import train as bench_train
+
+        scales = [f"data.train_scales=[{image_size}]", f"data.max_size={image_size}"]
+        report = bench_train.run(config_path=config_path or "configs/demo.yaml", overrides=(*scales, *overrides),
+                                 workers=workers, steps=steps or 20, warmup=warmup, batch_size=batch_size or 2,
+                                 image_size=image_size, repeats=repeats)
     text = json.dumps(report, indent=2)
     click.echo(text)
-    if out:
-        Path(out).write_text(text + "\n")
+    write(report)
 
 
 @bench.command("demo")
@@ -207,18 +240,22 @@ def _subset(option: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]
 @click.option("--rhos", default="0,0.1,0.2,0.3,0.5", show_default=True, help="keep ratios; 0 = dense (Deformable DETR)")
 @click.option("--batch-sizes", default="1,4", show_default=True)
 @click.option("--ops", "ops_", default="native,reference", show_default=True, help="deformable-attention op (first = base)")
-@click.option("--modes", default="eager,compile", show_default=True, help="eager and/or torch.compile (first = base)")
+@click.option("--modes", default="eager,compile", show_default=True,
+              help="eager, compile (torch.compile) and/or cudagraphs (torch.compile with CUDA graphs) (first = base)")
 @click.option("--dtypes", default="fp32,bf16", show_default=True,
               help="fp32 and/or bf16 autocast, where the device computes in bf16 (first = base)")
 @click.option("--cross", is_flag=True, help="every op x mode x dtype [default: the base and one axis changed at a time]")
+@click.option("--settings", default=None,
+              help="comma-separated <op>-<mode>-<dtype> (e.g. native-eager-fp32,native-cudagraphs-bf16), each at "
+                   "every rho and batch size, instead of --ops/--modes/--dtypes")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=1), help="untimed iterations per cell")
 @click.option("--iters", default=2, show_default=True, type=click.IntRange(min=1), help="timed iterations per cell")
 @click.option("--backbone", default="resnet50", show_default=True)
 @click.option("--device", default=None, help="cpu | cuda [default: cuda when there is one]")
 @click.option("--quick", is_flag=True, help="dense and rho 0.1, batch 1, one timed iteration: checks the harness")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
-def model_command(height, width, shards, rhos, batch_sizes, ops_, modes, dtypes, cross, warmup, iters, backbone,
-                  device, quick, out) -> None:
+def model_command(height, width, shards, rhos, batch_sizes, ops_, modes, dtypes, cross, settings, warmup, iters,
+                  backbone, device, quick, out) -> None:
     """Detector FPS (paper convention) with GFLOPs: dense vs rho, native vs reference op, eager vs
     torch.compile, fp32 vs bf16."""
     import json
@@ -230,13 +267,70 @@ def model_command(height, width, shards, rhos, batch_sizes, ops_, modes, dtypes,
     op_list = _subset("--ops", ops_, bench_model.OPS)
     mode_list = _subset("--modes", modes, bench_model.MODES)
     dtype_list = _subset("--dtypes", dtypes, bench_model.DTYPES)
+    setting_list = [bench_model.Setting.parse(n.strip()).name for n in settings.split(",") if n.strip()] \
+        if settings else None
     if quick:
         rho_list, batch_list, iters = (0.0, 0.1), (1,), 1
     report = bench_model.run(height=height, width=width, rhos=rho_list, batch_sizes=batch_list, ops=op_list,
                              modes=mode_list, dtypes=dtype_list, cross=cross, warmup=warmup, iters=iters,
-                             backbone=backbone, shards=shards, device=device)
+                             backbone=backbone, shards=shards, device=device, settings=setting_list,
+                             on_cell=lambda cells: out and Path(out).write_text(
+                                 json.dumps({"benchmark": "model", "partial": True, "cells": cells}, indent=2)))
     report["config"]["quick"] = quick
     text = json.dumps(report, indent=2)
     click.echo(text)
     if out:
         Path(out).write_text(text + "\n")
+
+
+@bench.command("overfit")
+@click.option("--device", default=None, help="cpu | cuda [default: cuda when there is one]")
+@click.option("--precisions", default="fp32,bf16", show_default=True, help="comma-separated: fp32, tf32, bf16")
+@click.option("--steps", default=150, show_default=True, type=click.IntRange(min=1))
+@click.option("--images", default=8, show_default=True, type=click.IntRange(min=1), help="synthetic images in the batch")
+@click.option("--size", default=160, show_default=True, type=click.IntRange(min=32), help="synthetic image side (px)")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Model/loss config [default: configs/r50_sparse_detr_rho0.1.yaml].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
+def overfit_command(device, precisions, steps, images, size, config_path, overrides, out) -> None:
+    """Fixed-batch overfit per precision: loss curve and AP50 on the batch (does bf16 learn what fp32 learns?)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from orchestrator.bench import overfit as bench_overfit
+    from orchestrator.bench.train_device import DEFAULT_CONFIG
+
+    chosen = _subset("--precisions", precisions, bench_overfit.PRECISIONS)
+    report = bench_overfit.run(device=device or ("cuda" if torch.cuda.is_available() else "cpu"), precisions=chosen,
+                               steps=steps, num_images=images, size=size, config_path=config_path or DEFAULT_CONFIG,
+                               overrides=overrides)
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
+@bench.command("gpu-check")
+@click.option("--out", default="runs/gpu_check/gpu_check.json", show_default=True, type=click.Path(dir_okay=False),
+              help="The report (rewritten after every stage); the stages' output goes next to it (.log).")
+@click.option("--stages", default="env,build,tests,ops,model,train,overfit",
+              show_default=True, help="comma-separated subset, run in this order")
+@click.option("--reference", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Another sdo checkout whose training step the train stage also times (before vs after).")
+@click.option("--no-build", is_flag=True, help="Use the op already built under $SDO_OPS_CACHE.")
+@click.option("--cpu-dry-run", is_flag=True, help="Every stage on tiny CPU sizes: checks the harness, not the GPU.")
+def gpu_check_command(out, stages, reference, no_build, cpu_dry_run) -> None:
+    """Everything that needs a GPU in one run of a few minutes (`just gpu-check`): build for this GPU, CUDA
+    tests, op / model / training benchmarks, fp32 and bf16 overfits; one JSON and a summary table."""
+    from orchestrator.bench import gpu_check
+
+    chosen = _subset("--stages", stages, gpu_check.STAGES)
+    report = gpu_check.run(out, stages=chosen, dry_run=cpu_dry_run, build=not no_build, reference=reference,
+                           echo=click.echo)
+    failed = [name for name, stage in report["stages"].items() if not stage["ok"]]
+    if failed:
+        raise gpu_check.GpuCheckFailed(f"gpu-check: stages failed: {', '.join(failed)} (see {out})")

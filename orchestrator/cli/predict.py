@@ -29,9 +29,12 @@ import click
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the model [default: when the images pay for the compile time, "
                    "see orchestrator.train.evaluation.COMPILE_PAYS_AFTER_IMAGES].")
+@click.option("--fast/--exact", default=True, show_default=True,
+              help="On a GPU, fast: bf16 autocast on batches padded to multiples of 32 px and, when compiled, CUDA "
+                   "graphs; exact: float32 at each batch's own size (the numbers of a training-time eval).")
 def predict(inputs: tuple, model_spec: str, out_dir: str, config_path: str | None, overrides: tuple,
             score_threshold: float, batch_size: int, device: str, classes_source: str | None,
-            tracking_uri: str | None, no_pictures: bool, compile_: bool | None) -> None:
+            tracking_uri: str | None, no_pictures: bool, compile_: bool | None, fast: bool) -> None:
     """Detect objects in IMAGE_OR_DIR... and write COCO-format detections and pictures to --out."""
     import torch
 
@@ -44,7 +47,7 @@ def predict(inputs: tuple, model_spec: str, out_dir: str, config_path: str | Non
     model, cfg = load_detector(model_spec, config_path, overrides, tracking_uri)
     report = run_predict(model, cfg, inputs, out_dir, names=class_names(cfg, classes_source),
                          score_threshold=score_threshold, batch_size=batch_size, device=device,
-                         pictures=not no_pictures, compile=compile_)
+                         pictures=not no_pictures, compile=compile_, fast=fast)
     click.echo(json.dumps({"out_dir": report.out_dir, "images": report.images, "detections": report.detections,
                            "skipped": report.skipped}))
     if report.skipped:

@@ -114,11 +114,12 @@ def _detect(model, postprocess, batch, device):
 
 def predict(model, cfg, inputs: Iterable[str], out_dir: str | os.PathLike, *, names: dict[int, str],
             score_threshold: float = 0.3, batch_size: int = 1, device: str = "cpu", pictures: bool = True,
-            progress: bool = True, compile: bool | None = None) -> PredictReport:
+            progress: bool = True, compile: bool | None = None, fast: bool = True) -> PredictReport:
     """Detect objects in ``inputs`` (files and folders) with ``model`` (a SparseDETR in eval mode built from
     ``cfg``); write ``out_dir/detections.json`` (COCO format: images, annotations with scores, categories)
     and ``out_dir/pictures/<name>.jpg`` (boxes, class names, scores) -> PredictReport. ``compile``:
-    `orchestrator.train.evaluation.inference_module` (None = when the files are enough to pay for it)."""
+    `orchestrator.train.evaluation.inference_module` (None = when the files are enough to pay for it); ``fast``:
+    on a GPU, bf16 on batches padded to multiples of 32 px, with CUDA graphs when compiled (same function)."""
     from tqdm import tqdm
 
     from model.postprocess import PostProcess
@@ -138,7 +139,7 @@ def predict(model, cfg, inputs: Iterable[str], out_dir: str | os.PathLike, *, na
     transforms = make_transforms(train=False, max_size=cfg.data.max_size, val_scale=cfg.data.val_scale)
     postprocess = PostProcess(cfg.eval.max_dets)
     model = model.to(device).eval()
-    forward = inference_module(model, compile=compile, images=len(files))
+    forward = inference_module(model, compile=compile, images=len(files), fast=fast)
     report = PredictReport(out_dir=str(out))
     images, annotations, used_names = [], [], set()
     with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:

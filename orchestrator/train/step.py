@@ -72,41 +72,62 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
 
 
+def configure_tf32(cfg: Config, device: torch.device) -> bool:
+    """float32 matmuls of a GPU run in TF32 (float32 accumulation; cuDNN convolutions already do by torch's
+    default) unless ``train.tf32`` is false; -> whether TF32 matmuls are on. A process-wide switch."""
+    if device.type != "cuda":
+        return False
+    enabled = bool(getattr(cfg.train, "tf32", True))
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    return enabled
+
+
 def make_optimizer(cfg: Config, module: torch.nn.Module, world_size: int):
-    """AdamW over the official parameter groups + StepLR dropping by 10 at ``train.lr_drop``."""
+    """AdamW over the official parameter groups + StepLR dropping by 10 at ``train.lr_drop``.
+
+    AdamW is fused (one kernel per step for all parameters; the default foreach AdamW took 9.5 ms of an
+    H200 step) on CPU and CUDA parameters, also after loading a state saved by an unfused one."""
     from model.optim import param_groups
 
     lr, lr_backbone = scaled_learning_rates(cfg, world_size)
     groups = param_groups(module, lr, lr_backbone, cfg.train.lr_linear_proj_mult)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.train.weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.train.weight_decay, fused=fused or None)
+    if fused:
+        optimizer.register_load_state_dict_post_hook(_stay_fused)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.lr_drop)
 
 
-def to_float32(value):
-    """Floating tensors of a (nested) model output -> float32; everything else unchanged."""
-    if torch.is_tensor(value):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: to_float32(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_float32(v) for v in value)
-    return value
+def _stay_fused(optimizer: torch.optim.Optimizer) -> None:
+    """A loaded state brings its own 'fused' flag (None from an unfused optimizer) and, then, step counts on
+    the host: put both back as the fused kernel needs them."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(param.device, torch.float32)
 
 
 def train_step(model, criterion, optimizer, scaler, batch, device: torch.device, amp_dtype: torch.dtype | None,
                clip_max_norm: float) -> dict[str, float]:
     """One optimisation step on ``batch`` = (images [B, 3, H, W], mask [B, H, W], targets)
-    -> {'loss': weighted total, <each weighted loss term>: value}."""
-    images, mask, targets = to_device(*batch, device)
+    -> {'loss': weighted total, <each weighted loss term>: value}.
+
+    The targets stay where the loader made them (the CPU): the criterion copies them to the device in one go.
+    Under autocast the criterion casts what it scores to float32 itself (matching and losses run in
+    fp32, as official AMP setups do)."""
+    images, mask, targets = batch
+    images, mask, _ = to_device(images, mask, [], device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         outputs = model(images, mask)
-    if amp_dtype is not None:  # matching (scipy) and the losses run in fp32, as official AMP setups do
-        outputs = to_float32(outputs)
     loss_dict = criterion(outputs, targets)
-    weighted = {k: v * criterion.weight_dict[k] for k, v in loss_dict.items() if k in criterion.weight_dict}
-    loss = sum(weighted.values())
-    # one device->host copy for the whole report (the matcher already syncs once per step)
-    values = dict(zip(["loss", *weighted], torch.stack([loss, *weighted.values()]).detach().float().tolist()))
+    names = [k for k in loss_dict if k in criterion.weight_dict]
+    weights = torch.tensor([criterion.weight_dict[k] for k in names], dtype=torch.float32).to(device, non_blocking=True)
+    weighted = torch.stack([loss_dict[k] for k in names]) * weights
+    loss = weighted.sum()
+    # one device->host copy for the whole report (after the matcher's, the device has little left to do)
+    values = dict(zip(["loss", *names], torch.cat([loss[None], weighted]).detach().float().tolist()))
     if not math.isfinite(values["loss"]):
         raise FloatingPointError(f"loss is {values['loss']}: {values}")
     optimizer.zero_grad(set_to_none=True)

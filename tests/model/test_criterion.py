@@ -177,7 +177,7 @@ def _num_boxes_on_rank(rank, world_size, init_method, result_dir):
     try:
         boxes_here = 2 if rank == 0 else 5
         targets = [{"labels": torch.zeros(boxes_here, dtype=torch.int64)}]
-        (result_dir / f"rank{rank}").write_text(str(_average_num_boxes(targets, torch.device("cpu"))))
+        (result_dir / f"rank{rank}").write_text(str(float(_average_num_boxes(targets, torch.device("cpu")))))
     finally:
         dist.destroy_process_group()
 
@@ -192,3 +192,54 @@ def test_num_boxes_is_averaged_over_ranks(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_num_boxes_on_rank, args=(2, f"tcp://127.0.0.1:{port}", tmp_path), nprocs=2, join=True)
     assert [float((tmp_path / f"rank{r}").read_text()) for r in range(2)] == [3.5, 3.5]
+
+
+def test_bf16_outputs_are_scored_in_float32():
+    """Under autocast the model's outputs are bf16: the criterion must match and score them in float32,
+    giving the losses of the same outputs cast to float32 (train_step leaves the cast to it)."""
+    targets = make_targets()
+    criterion = build_criterion(*sparse_cfgs())
+
+    def cast(value, dtype):
+        if torch.is_tensor(value):
+            return value.detach().to(dtype) if value.is_floating_point() else value
+        if isinstance(value, dict):
+            return {k: cast(v, dtype) for k, v in value.items()}
+        return [cast(v, dtype) for v in value]
+
+    bf16 = cast(make_outputs(targets), torch.bfloat16)
+    losses = criterion(bf16, targets)
+    expected = criterion(cast(bf16, torch.float32), targets)
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    for key, value in expected.items():
+        assert torch.equal(losses[key], value), key
+
+
+def test_heads_scored_together_equal_each_head_scored_alone():
+    """The criterion concatenates heads to match and score them at once: every head's losses must be the
+    ones of that head scored on its own (as the main head of an outputs dict), its gradients too."""
+    targets = make_targets()
+    targets[1] = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}  # an image without boxes
+    for class_specific in (True, False):
+        model_cfg, loss_cfg = sparse_cfgs()
+        model_cfg.eff_specific_head = class_specific
+        criterion = build_criterion(model_cfg, loss_cfg)
+        together_outputs, alone_outputs = make_outputs(targets, seed=5), make_outputs(targets, seed=5)
+        together = criterion(together_outputs, targets)
+        heads = {"": alone_outputs, "_0": alone_outputs["aux_outputs"][0], "_enc": alone_outputs["enc_outputs"],
+                 "_enc_1": alone_outputs["aux_outputs_enc"][1]}
+        for suffix, head in heads.items():
+            head_targets = targets
+            if suffix == "_enc" and not class_specific:
+                head_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            alone = SetCriterion(NUM_CLASSES, HungarianMatcher(), {}, ["labels", "boxes"])(
+                {"pred_logits": head["pred_logits"], "pred_boxes": head["pred_boxes"]}, head_targets)
+            for name, value in alone.items():
+                torch.testing.assert_close(together[name + suffix], value, rtol=1e-6, atol=1e-7)
+            sum(alone.values()).backward()
+        sum(together[name + suffix] for suffix in heads for name in ("loss_ce", "loss_bbox", "loss_giou")).backward()
+        for suffix, head in heads.items():
+            got = {"": together_outputs, "_0": together_outputs["aux_outputs"][0],
+                   "_enc": together_outputs["enc_outputs"], "_enc_1": together_outputs["aux_outputs_enc"][1]}[suffix]
+            for key in ("pred_logits", "pred_boxes"):
+                torch.testing.assert_close(got[key].grad, head[key].grad, rtol=1e-5, atol=1e-7)

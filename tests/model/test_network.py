@@ -289,3 +289,24 @@ def test_deformable_detr_variants_run(overrides):
     assert out["spatial_shapes"].shape == (cfg.num_feature_levels, 2)
     assert torch.isfinite(out["pred_logits"]).all() and torch.isfinite(out["pred_boxes"]).all()
     assert ("enc_outputs" in out) == cfg.two_stage
+
+
+class _Inputs(torch.nn.Module):
+    """Returns what it is given, and the autocast dtype it runs under."""
+
+    def forward(self, images, mask):
+        return {"images": images, "mask": mask, "autocast": torch.get_autocast_dtype("cpu")
+                if torch.is_autocast_enabled("cpu") else None}
+
+
+def test_fast_detector_pads_to_multiples_and_runs_under_autocast():
+    from model.inference import FastDetector
+
+    images, mask = padded_batch([(50, 70), (40, 64)], (50, 70))
+    seen = FastDetector(_Inputs(), multiple=32)(images, mask)
+    assert seen["images"].shape == (2, 3, 64, 96) and seen["mask"].shape == (2, 64, 96)
+    assert torch.equal(seen["images"][:, :, :50, :70], images) and not seen["images"][:, :, 50:].any()
+    assert torch.equal(seen["mask"][:, :50, :70], mask) and seen["mask"][:, 50:].all() and seen["mask"][:, :, 70:].all()
+    assert seen["autocast"] == torch.bfloat16
+    exact = FastDetector(_Inputs(), multiple=1)(images, mask)
+    assert exact["images"] is images and exact["mask"] is mask

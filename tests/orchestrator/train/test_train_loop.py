@@ -103,12 +103,23 @@ def test_bench_summary_takes_the_slowest_rank():
     assert summary["steps"] == 3
 
 
-def test_amp_outputs_are_cast_to_float32_for_the_losses():
-    from orchestrator.train.step import to_float32
-
-    outputs = {"pred_logits": torch.ones(1, 2, 3, dtype=torch.bfloat16), "sparse_token_nums": torch.tensor([4]),
-               "aux_outputs": [{"pred_boxes": torch.zeros(1, 2, 4, dtype=torch.float16)}]}
-    cast = to_float32(outputs)
-    assert cast["pred_logits"].dtype == torch.float32 and torch.equal(cast["pred_logits"], torch.ones(1, 2, 3))
-    assert cast["sparse_token_nums"].dtype == torch.int64
-    assert cast["aux_outputs"][0]["pred_boxes"].dtype == torch.float32
+def test_optimizer_is_fused_also_after_loading_an_unfused_state(setup):
+    """Checkpoints written before AdamW was fused carry fused=None and host step counts: loading one must
+    leave the optimizer fused, and a step after it must give what the unfused optimizer gives."""
+    model, _, optimizer, _ = _build(setup[0], [])
+    assert all(g["fused"] for g in optimizer.param_groups)
+    unfused = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in optimizer.param_groups],
+                                weight_decay=1e-4, foreach=False)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.01) if p.requires_grad else None
+    unfused.step()
+    optimizer.load_state_dict(unfused.state_dict())
+    assert all(g["fused"] and g["foreach"] is None for g in optimizer.param_groups)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    after_fused = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.data.copy_(start[n])
+    unfused.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(after_fused[n], p.detach(), rtol=1e-6, atol=1e-8)
