@@ -77,7 +77,7 @@ def configure_tf32(cfg: Config, device: torch.device) -> bool:
     default) unless ``train.tf32`` is false; -> whether TF32 matmuls are on. A process-wide switch."""
     if device.type != "cuda":
         return False
-    enabled = bool(getattr(cfg.train, "tf32", True))
+    enabled = cfg.train.tf32
     torch.backends.cuda.matmul.allow_tf32 = enabled
     return enabled
 

@@ -28,6 +28,7 @@ from orchestrator.train.step import (
     all_reduce_mean,
     all_reduce_sum,
     autocast_dtype,
+    configure_tf32,
     gather_rng_states,
     make_optimizer,
     restore_rng_state,
@@ -65,6 +66,7 @@ class Trainer:
 
         self.optimizer, self.scheduler = make_optimizer(cfg, self.module, self.world_size)
         self.amp_dtype = autocast_dtype(cfg, self.device)
+        configure_tf32(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         d, pinned = cfg.data, self.device.type == "cuda"

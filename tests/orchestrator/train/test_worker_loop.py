@@ -36,7 +36,7 @@ def test_the_worker_loop_trains_evaluates_checkpoints_and_resumes(tmp_path, proc
     shards = make_shards(tmp_path, num_train=8, num_val=4, size=64)
     _, cfg = tiny_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs", checkpoint={"every_steps": 3, "keep": 3},
                          epochs=2, max_steps_per_epoch=2, num_workers=1)
-    cfg.train.amp = "bf16"  # the GPU default; the CPU trains in fp32 whatever it says
+    cfg.train.amp = "bf16"  # the GPU's mixed precision path; the CPU trains in fp32 whatever it says
     cfg.eval.dam_images = cfg.eval.pred_images = 1
     run = RunIdentity(name="loop", directory=str(tmp_path / "runs" / "loop"), storage=str(tmp_path / "runs"))
 
@@ -65,10 +65,12 @@ def test_a_worker_puts_everything_on_its_device(tmp_path, process_group):
     _, cfg = tiny_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs", num_workers=1)
     run = RunIdentity(name="placed", directory=str(tmp_path / "runs" / "placed"), storage=str(tmp_path / "runs"))
     run.location().mkdir(parents=True)
+    cfg.train.amp = "bf16"
     trainer = Trainer(cfg, run, LocalSession(run.directory, device=device))
     assert {p.device.type for p in trainer.module.parameters()} == {device}
     assert {b.device.type for b in trainer.criterion.buffers()} <= {device}
     assert trainer.amp_dtype == (torch.bfloat16 if device == "cuda" else None)
+    assert torch.backends.cuda.matmul.allow_tf32 == (device == "cuda")  # train.tf32, on a GPU only
     images, mask, targets = next(iter(trainer.train_loader))
     assert images.is_pinned() == mask.is_pinned() == (device == "cuda")
     assert all(t["boxes"].is_pinned() == (device == "cuda") for t in targets)
