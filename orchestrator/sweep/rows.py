@@ -4,6 +4,7 @@ and, for a trial that failed, the cause."""
 from __future__ import annotations
 
 from orchestrator.config import Config, get_value
+from orchestrator.sweep.objectives import COST_METRICS
 from orchestrator.sweep.pareto import Objective
 from orchestrator.sweep.report import summarize_history, trial_status
 from orchestrator.sweep.space import Axis, budget, trial_config
@@ -45,12 +46,14 @@ def collect_rows(cfg: Config, axes: list[Axis], analysis, *, name: str, objectiv
     the sweep's failure limit ended before they finished (status 'cancelled')."""
     frames = analysis.trial_dataframes
     epochs = budget(cfg)
+    # the objectives, and the cost a trial reports whatever it optimises (its best epoch: the first objective's)
+    summarized = [*objectives, *[Objective(m, "min") for m in COST_METRICS if m not in {o.metric for o in objectives}]]
     shown = [*SHOWN_KEYS, *[a.key for a in axes]]
     rows = []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         params = {k: trial.config[k] for k in (a.key for a in axes) if k in trial.config}
         trial_cfg = trial_config(cfg, params, epochs=epochs)
-        summary = summarize_history(_history(frames.get(trial.trial_id)), objectives)
+        summary = summarize_history(_history(frames.get(trial.trial_id)), summarized)
         status = trial_status(trial.status, summary["epochs"], epochs)
         if trial.trial_id in cut and status != "error":
             status = "cancelled"
@@ -60,7 +63,8 @@ def collect_rows(cfg: Config, axes: list[Axis], analysis, *, name: str, objectiv
             "status": status,
             "params": {k: get_value(trial_cfg, k) for k in dict.fromkeys(shown)},
             **summary,
-            "gflops": reference_gflops(trial_cfg.model),
+            # what the trial reported (its model's count at 850x1040), else counted here
+            "gflops": summary.get("gflops") or reference_gflops(trial_cfg.model),
             "error": error_cause(trial) if status == "error" else None,
         }
         rows.append(row)

@@ -40,7 +40,7 @@ def open_parent_run(cfg: Config, axes: list[Axis], *, name: str, directory, resu
         extra = {f"space.{k}": v for k, v in describe_space(axes).items()}
         extra.update({"sweep.num_trials": num_trials(cfg, axes), "sweep.budget_epochs": budget(cfg),
                       "sweep.flops_size": "x".join(map(str, flops_size)),
-                      "sweep.objectives": ", ".join(f"{o.metric} {o.mode}" for o in objectives)})
+                      "sweep.optimised": ", ".join(f"{o.metric} {o.mode}" for o in objectives)})
         logger.client.log_batch(identity.run_id, params=[Param(k, str(v)) for k, v in extra.items()])
         (directory / "config.yaml").write_text(dump_yaml(cfg))
         logger.artifact(directory / "config.yaml")

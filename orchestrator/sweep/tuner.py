@@ -207,11 +207,11 @@ def run_sweep(cfg: Config, *, name: str, resume: bool = False, trainable: Callab
     logger = state.logger()
     logger.artifact(local_report, "report")
     _log_summary(state, rows, report, cfg)
-    failed = report["failed"]
+    failed, swept = report["failed"], [a.key for a in axes]
     failure_limit = None
     if limit.reached:
         failure_limit = (f"sweep {name} ended: {len(failed)} trials failed, more than sweep.max_failures="
-                         f"{cfg.sweep.max_failures} ({failure_text(failed[-1])})")
+                         f"{cfg.sweep.max_failures} ({failure_text(failed[-1], swept)})")
     tracking.set_status(state.tracking_uri, state.run_id,
                         "FAILED" if failure_limit else "KILLED" if interrupted else "FINISHED")
     savings, best = report["savings"], report["best"]
@@ -229,7 +229,7 @@ def run_sweep(cfg: Config, *, name: str, resume: bool = False, trainable: Callab
     if failure_limit:
         echo(f"sdo: {failure_limit}")
     elif failed:
-        causes = "; ".join(failure_text(r) for r in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        causes = "; ".join(failure_text(r, swept) for r in failed[:3]) + ("; ..." if len(failed) > 3 else "")
         echo(f"sdo: {len(failed)} of {len(rows)} trials failed: {causes} (tracebacks in each trial's error.txt under "
              f"{directory}); --name {name} --resume retries them")
     if interrupted:
@@ -241,11 +241,10 @@ def run_sweep(cfg: Config, *, name: str, resume: bool = False, trainable: Callab
             "mlflow_run_id": state.run_id, "sweep_dir": str(directory)}
 
 
-def failure_text(row: dict) -> str:
-    """'trial <id> (rho=0.3, ...): <ErrorType>: <message>' of a failed trial."""
-    params = ", ".join(f"{SHORT_NAMES.get(k, k)}={v}" for k, v in row.get("params", {}).items()
-                       if k in SHORT_NAMES and v is not None)[:120]
-    return f"trial {row['trial']} ({params}): {row.get('error') or 'unknown cause'}"
+def failure_text(row: dict, swept: list[str]) -> str:
+    """'trial <id> (<swept key>=<value>, ...): <ErrorType>: <message>' of a failed trial."""
+    params = ", ".join(f"{SHORT_NAMES.get(k, k)}={row['params'][k]}" for k in swept if k in row.get("params", {}))
+    return f"trial {row['trial']} ({params[:200]}): {row.get('error') or 'unknown cause'}"
 
 
 def report_title(report: dict) -> str:
