@@ -51,6 +51,9 @@ def sweep_dir(cfg: Config, name: str):
     return sweeps_root(cfg) / check_name(name)
 
 
+STATE_SYNC_S = 10
+
+
 class FailureLimit:
     """``sweep.max_failures``: once more trials than that have failed, the sweep ends (every trial still running
     or waiting is stopped and reported as cancelled). A Tune callback that counts failures, with a stopper."""
@@ -107,6 +110,9 @@ def _tuner(cfg: Config, axes: list[Axis], trainable, *, name: str, directory, re
                                     trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(name=name, storage_path=parent, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=0),
+                                  # Tune's state reaches object storage within STATE_SYNC_S (Tune: 5 min), so a
+                                  # --resume after the driver died loses at most that much of it
+                                  sync_config=tune.SyncConfig(sync_period=STATE_SYNC_S),
                                   callbacks=[limit.callback], stop=limit.stopper),
     )
 
