@@ -26,7 +26,7 @@ from train_helpers import left_in_session, make_shards, tiny_config
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")  # the `s3` server fixture is in tests/conftest.py
 
-from pipelines.remote import s3_client  # noqa: E402
+from pipelines.remote import s3_client
 
 BUCKET, PREFIX, NAME = "sdo-sweeps", "team", "remote"
 COEFS = [3.0, 2.0, 1.0]

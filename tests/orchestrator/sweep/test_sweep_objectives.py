@@ -37,18 +37,21 @@ def make_toy_trial():
         from orchestrator.config import from_dict
         from orchestrator.run.lifecycle import open_run
         from orchestrator.sweep.space import trial_config
-        from orchestrator.sweep.trial import trial_run_name
+        from orchestrator.sweep.trial import model_cost, trial_run_name
 
         cfg = trial_config(from_dict(setup["cfg"]), params, epochs=setup["epochs"], parent_run_id=setup["parent_run_id"],
                            tracking_uri=setup["tracking_uri"])
         cfg.train.storage_path = setup["trials_dir"]
-        open_run(cfg, name=trial_run_name(setup["name"], tune.get_context().get_trial_id()))
+        run = open_run(cfg, name=trial_run_name(setup["name"], tune.get_context().get_trial_id()))
+        measured = model_cost(cfg, run, latency=setup["latency"])  # the real trial's: a Ray task times the model
+        latency = {k: v for k, v in measured.items() if k.startswith("latency")}
         coef = float(params["loss.cls_coef"])
         ap, gflops = values[coef]
         for epoch in range(setup["epochs"]):
             if coef == 0.5 and epoch == 1:
                 raise ValueError(f"loss.cls_coef={coef}: the toy fails here")
-            tune.report({"epoch": epoch, "AP": ap + 0.01 * epoch, "AP50": ap, "gflops": gflops, "img_per_s": 100.0})
+            tune.report({"epoch": epoch, "AP": ap + 0.01 * epoch, "AP50": ap, "gflops": gflops, "img_per_s": 100.0,
+                         **latency})
 
     return toy_trial
 
@@ -59,7 +62,7 @@ def sweeps(tmp_path_factory):
     shards = make_shards(root, num_train=2, num_val=1, size=32)  # the toy reads none, but a sweep checks them once
     _, cfg = tiny_config(root / "tiny.yaml", shards, root / "runs")
     for key, value in {"max_concurrent": 1, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2,
-                       "scheduler": "asha", "max_failures": 1,
+                       "scheduler": "asha", "max_failures": 1, "latency": "always", "latency_size": [64, 64],
                        "objectives": [{"metric": "AP", "mode": "max"}, {"metric": "gflops", "mode": "min"}]}.items():
         set_value(cfg, f"sweep.{key}", value)
     set_value(cfg, "sweep.space", {"loss.cls_coef": {"grid": list(VALUES)}})
@@ -133,6 +136,18 @@ def test_parent_run_holds_the_front(sweeps):
     assert [(m.step, m.value) for m in history] == [(5, pytest.approx(0.43))]  # step: trials ended
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/pareto.png", "report/pareto.csv", "report/trials.json"} <= artifacts
+
+
+def test_latency_is_measured_where_the_trial_ran_and_reported(sweeps):
+    client = sweeps["client"]
+    for row in sweeps["mo"]["rows"]:
+        run = client.get_run(row["run_id"])
+        assert run.data.metrics["model/latency_ms"] > 0 and run.data.metrics["model/latency_ms_b4"] > 0
+        assert run.data.tags["sdo.latency_device"].startswith("cpu") and run.data.tags["sdo.latency_size"] == "64x64"
+        if row["status"] != "error":
+            assert row["latency_ms"] == pytest.approx(run.data.metrics["model/latency_ms"])
+    header = sweeps["mo"]["report"].splitlines()[1]
+    assert "ms (b1)" in header and "ms (b4)" in header and "rank" in header and "pareto" in header
 
 
 def test_max_failures_ends_the_sweep_with_one_line(sweeps):

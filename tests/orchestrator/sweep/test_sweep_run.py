@@ -100,7 +100,7 @@ def test_interrupted_then_resumed_to_the_end(sweep):
     # GFLOPs grow with the keep ratio (same network otherwise)
     by_rho = {t["params"]["model.rho"]: t["gflops"] for t in trials}
     assert by_rho[0.1] < by_rho[0.3]
-    assert "Pareto front (AP vs GFLOPs):" in resumed.stdout
+    assert "Pareto front (AP max, GFLOPs min): " in resumed.stdout
 
 
 def test_one_parent_and_one_child_per_trial_no_duplicates(sweep):
