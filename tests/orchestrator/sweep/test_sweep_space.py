@@ -209,3 +209,23 @@ def test_resume_on_a_kuberay_spec_is_refused():
 def test_resume_needs_the_sweep_name():
     result = CliRunner().invoke(main, ["sweep", "--config", str(CONFIGS / "sweep_demo.yaml"), "--resume"])
     assert result.exit_code == 2 and "--resume needs the --name" in result.output
+
+
+def test_optuna_searches_several_objectives_at_once():
+    import optuna
+
+    cfg = _cfg({"loss.cls_coef": {"choice": [1.0, 2.0]}, "model.rho": {"uniform": [0.1, 0.5]}}, search="optuna",
+               optuna_sampler="nsga2")
+    searcher = make_search(cfg, [Objective("AP", "max"), Objective("latency_ms", "min")])
+    # what Tune does with it when TuneConfig names no single metric
+    assert searcher.set_search_properties(None, None, to_tune(parse_space(cfg)))
+    study = searcher._ot_study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    params = searcher.suggest("t1")
+    assert params["loss.cls_coef"] in (1.0, 2.0) and 0.1 <= params["model.rho"] <= 0.5
+    searcher.on_trial_complete("t1", {"AP": 0.4, "latency_ms": 12.0})
+    assert [t.values for t in study.trials] == [[0.4, 12.0]]
+    single = make_search(cfg, [Objective("AP", "max")])
+    assert single.set_search_properties("AP", "max", to_tune(parse_space(cfg)))
+    assert [d.name for d in single._ot_study.directions] == ["MAXIMIZE"]
