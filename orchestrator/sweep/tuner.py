@@ -95,8 +95,12 @@ def _tuner(cfg: Config, axes: list[Axis], trainable, *, name: str, directory, re
     path, fs = _storage(directory)
     # a sweep interrupted before Tune saved any state (e.g. Ray failed to start) simply starts over
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+        # the restored run config holds the first session's FailureLimit (unpickled): count in this one
+        restored = tuner._local_tuner.get_run_config()
+        restored.callbacks, restored.stop = [limit.callback], limit.stopper
+        return tuner
     s = cfg.sweep
     single = objectives[0] if len(objectives) == 1 else None  # several: the scheduler and the search hold them
     parent, _ = _storage(directory.parent)
