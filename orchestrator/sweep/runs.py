@@ -71,7 +71,7 @@ def finish_child_runs(parent: RunIdentity, rows: list[dict], best: dict | None, 
     """Tag each trial's child run with its trial id and outcome, and give it the status of that outcome."""
     runs = child_runs(parent)
     for row in rows:
-        found = runs.get(row["run_name"], [])
+        found = drop_orphans(parent, runs.get(row["run_name"], []), trials_dir / row["run_name"])
         row["run_id"] = found[0].info.run_id if found else None
         for run in found:
             child = _child(parent, row, trials_dir, run.info.run_id)
@@ -86,6 +86,22 @@ def finish_child_runs(parent: RunIdentity, rows: list[dict], best: dict | None, 
             status = CHILD_STATUS.get(row["status"])
             if status is not None and run.info.status != status:
                 tracking.set_status(child.tracking_uri, child.run_id, status)
+
+
+def drop_orphans(parent: RunIdentity, found: list, trial_dir) -> list:
+    """A trial's child runs less the orphans: a run that a driver killed while the trial opened it created in
+    MLflow but never recorded (``sdo_run.json`` names another) and that logged nothing is deleted."""
+    from orchestrator.run.identity import read_identity
+
+    if len(found) < 2:
+        return found
+    recorded = read_identity(trial_dir)
+    keep = [r for r in found if recorded is None or r.info.run_id == recorded.run_id or r.data.metrics]
+    client = parent.logger().client
+    for run in found:
+        if run not in keep:
+            client.delete_run(run.info.run_id)
+    return keep
 
 
 def kept_trials(rows: list[dict], report: dict, cfg: Config) -> list[dict]:

@@ -41,7 +41,7 @@ def run_trial(params: dict, *, setup: dict) -> None:
     """
     from ray import tune
 
-    from orchestrator.run.lifecycle import find_run, open_run
+    from orchestrator.run.lifecycle import open_run
     from orchestrator.train.driver import run_training
 
     trial_id = tune.get_context().get_trial_id()
@@ -49,9 +49,23 @@ def run_trial(params: dict, *, setup: dict) -> None:
                        parent_run_id=setup["parent_run_id"], tracking_uri=setup["tracking_uri"])
     cfg.train.storage_path = setup["trials_dir"]
     name = trial_run_name(setup["name"], trial_id)
-    run = open_run(cfg, name=name, resume=find_run(cfg, name) is not None)
+    run = open_run(cfg, name=name, resume=take_up(cfg, name))
     cost = model_cost(cfg, run, latency=setup.get("latency", False))
     run_training(cfg, run, extra_callbacks=[EpochReports(cost)], command="sweep", log_model=False)
+
+
+def take_up(cfg: Config, name: str) -> bool:
+    """Whether the trial's run was opened before (a restarted trial continues it). A run directory without its
+    ``sdo_run.json`` is what a driver killed while the trial opened its run leaves: nothing was trained there
+    (training starts after the identity is saved), so it is cleared and the run opened afresh."""
+    from orchestrator.run.directory import run_dir
+    from orchestrator.run.lifecycle import find_run
+    from orchestrator.run.storage import remove_tree
+
+    if find_run(cfg, name) is not None:
+        return True
+    remove_tree(run_dir(cfg, name))
+    return False
 
 
 def model_cost(cfg: Config, run: RunIdentity, *, latency: bool) -> dict:
@@ -72,10 +86,13 @@ def model_cost(cfg: Config, run: RunIdentity, *, latency: bool) -> dict:
     if all(key in logged for key in LATENCY_METRICS.values()):
         return {**cost, **{name: logged[key] for name, key in LATENCY_METRICS.items()}}
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from orchestrator.train.cost import latency as measure
 
-    resources = {"num_cpus": cfg.train.cpus_per_worker, "num_gpus": 1 if cfg.train.use_gpu else 0}
+    # outside the trial's own placement group (which holds no CPU): where one of its workers would go
+    resources = {"num_cpus": cfg.train.cpus_per_worker, "num_gpus": 1 if cfg.train.use_gpu else 0,
+                 "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
     task = ray.remote(measure).options(**resources)
     measured = ray.get(task.remote(cfg.model, tuple(cfg.sweep.latency_size),
                                    "cuda" if cfg.train.use_gpu else "cpu"))
