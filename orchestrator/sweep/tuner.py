@@ -288,13 +288,14 @@ def sweep_on(cfg: Config, *, name: str, cluster: str | None = None, resume: bool
     address = cluster or cfg.cluster.address
     cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, address=address))
     axes = parse_space(cfg)
-    resolved(cfg)  # an objective no trial reports fails here, wherever the sweep would run
+    objectives, note = resolved(cfg)  # an objective no trial reports fails here, wherever the sweep would run
     kind = checked_cluster_kind(address)
     if kind == "local":
         if dry_run:
             echo(dump_yaml(cfg))
             echo(json.dumps({"trials": num_trials(cfg, axes), "epochs_per_trial": budget(cfg),
-                             "space": describe_space(axes)}, indent=2))
+                             "space": describe_space(axes), "objectives": [vars(o) for o in objectives],
+                             **({"note": note} if note else {})}, indent=2))
             return 0
         return run_sweep(cfg, name=name, resume=resume, echo=echo)
     if kind == "ray-jobs":
