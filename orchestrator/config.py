@@ -509,9 +509,10 @@ def validate(cfg: Config) -> None:
     _check(s.reduction_factor >= 2, "sweep.reduction_factor", s.reduction_factor, "must be >= 2")
     _check(s.max_failures is None or s.max_failures >= 0, "sweep.max_failures", s.max_failures, "must be >= 0 or null")
     _check(s.best_k >= 1, "sweep.best_k", s.best_k, "must be >= 1")
-    _check(len(s.latency_size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 64
+    _check(len(s.latency_size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 128
                                             for v in s.latency_size),
-           "sweep.latency_size", s.latency_size, "must be [height, width], each an integer >= 64")
+           "sweep.latency_size", s.latency_size,
+           "must be [height, width], each an integer >= 128 (the stride-64 level needs 2x2 values to normalise)")
     _check_objectives(s.objectives)
 
 

@@ -62,7 +62,7 @@ def sweeps(tmp_path_factory):
     shards = make_shards(root, num_train=2, num_val=1, size=32)  # the toy reads none, but a sweep checks them once
     _, cfg = tiny_config(root / "tiny.yaml", shards, root / "runs")
     for key, value in {"max_concurrent": 1, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2,
-                       "scheduler": "asha", "max_failures": 1, "latency": "always", "latency_size": [64, 64],
+                       "scheduler": "asha", "max_failures": 1, "latency": "always", "latency_size": [128, 128],
                        "objectives": [{"metric": "AP", "mode": "max"}, {"metric": "gflops", "mode": "min"}]}.items():
         set_value(cfg, f"sweep.{key}", value)
     set_value(cfg, "sweep.space", {"loss.cls_coef": {"grid": list(VALUES)}})
@@ -143,7 +143,7 @@ def test_latency_is_measured_where_the_trial_ran_and_reported(sweeps):
     for row in sweeps["mo"]["rows"]:
         run = client.get_run(row["run_id"])
         assert run.data.metrics["model/latency_ms"] > 0 and run.data.metrics["model/latency_ms_b4"] > 0
-        assert run.data.tags["sdo.latency_device"].startswith("cpu") and run.data.tags["sdo.latency_size"] == "64x64"
+        assert run.data.tags["sdo.latency_device"].startswith("cpu") and run.data.tags["sdo.latency_size"] == "128x128"
         if row["status"] != "error":
             assert row["latency_ms"] == pytest.approx(run.data.metrics["model/latency_ms"])
     header = sweeps["mo"]["report"].splitlines()[1]
