@@ -107,7 +107,7 @@ def _setup() -> None:
             "nvidia-ml-py>=12.0",  # GPU utilisation / memory in MLflow system metrics
         ],
         extras_require={"dev": ["pytest>=8.0", "ruff>=0.5", "rust-just>=1.30", "boto3>=1.34", "moto[server]>=5.0,<6",
-                                "kubernetes-validate>=1.30",
+                                "kubernetes-validate>=1.30", "optuna>=3.0",  # multi-objective sweeps in the tests
                                 "playwright>=1.40"],  # the MLflow UI browser test (system Chromium)
                         "optuna": ["optuna>=3.0"], "swin": ["timm>=0.9"],
                         "s3": ["boto3>=1.34"],  # `sdo data upload|cat` (pipelines/remote.py)

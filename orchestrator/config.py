@@ -191,8 +191,18 @@ class SweepConfig:
     max_concurrent: int = doc("trials running at once", 2)
     scheduler: str = doc("asha | fifo", "asha")
     search: str = doc("random | optuna (optuna must be installed)", "random")
-    metric: str = doc("metric the scheduler optimises", "AP")
+    metric: str = doc("metric the scheduler optimises (one objective; see objectives)", "AP")
     mode: str = doc("max | min", "max")
+    objectives: list = doc("several objectives at once, e.g. [{metric: AP, mode: max}, {metric: latency_ms, mode: min}]: "
+                           "a Pareto front (empty: metric/mode alone)", default_factory=list)
+    optuna_sampler: str = doc("search=optuna: tpe | nsga2 (both handle several objectives)", "tpe")
+    max_failures: int | None = doc("end the sweep once more trials than this have failed (null: never)", None)
+    latency: str = doc("auto | always | off: measure each trial's eval latency (batch 1 and 4) where it trains; "
+                       "auto: on GPUs only (without one GFLOPs stand in)", "auto")
+    latency_size: list = doc("[height, width] of the images latency is measured on (the GFLOPs size by default)",
+                             default_factory=lambda: [850, 1040])
+    log_models: str = doc("front | best | none: which trials get an MLflow Model when the sweep ends", "front")
+    best_k: int = doc("log_models=best: the k best trials by the first objective", 1)
     max_epochs: int | None = doc("epoch budget per trial (null = train.epochs)", None)
     grace_period: int = doc("ASHA: epochs before a trial can be stopped", 1)
     reduction_factor: int = doc("ASHA: keep 1/reduction_factor of the trials at each rung", 2)
@@ -221,6 +231,9 @@ _CHOICES = {
     "sweep.scheduler": ("asha", "fifo"),
     "sweep.search": ("random", "optuna"),
     "sweep.mode": ("max", "min"),
+    "sweep.optuna_sampler": ("tpe", "nsga2"),
+    "sweep.latency": ("auto", "always", "off"),
+    "sweep.log_models": ("front", "best", "none"),
 }
 
 
@@ -504,3 +517,23 @@ def validate(cfg: Config) -> None:
     _check(s.max_epochs is None or s.max_epochs >= 1, "sweep.max_epochs", s.max_epochs, "must be >= 1 or null")
     _check(s.grace_period >= 1, "sweep.grace_period", s.grace_period, "must be >= 1")
     _check(s.reduction_factor >= 2, "sweep.reduction_factor", s.reduction_factor, "must be >= 2")
+    _check(s.max_failures is None or s.max_failures >= 0, "sweep.max_failures", s.max_failures, "must be >= 0 or null")
+    _check(s.best_k >= 1, "sweep.best_k", s.best_k, "must be >= 1")
+    _check(len(s.latency_size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 128
+                                            for v in s.latency_size),
+           "sweep.latency_size", s.latency_size,
+           "must be [height, width], each an integer >= 128 (the stride-64 level needs 2x2 values to normalise)")
+    _check_objectives(s.objectives)
+
+
+def _check_objectives(objectives: list) -> None:
+    """``sweep.objectives``: a list of {metric: name, mode: max|min}, each metric once."""
+    seen = set()
+    for i, item in enumerate(objectives):
+        key = f"sweep.objectives[{i}]"
+        _check(isinstance(item, dict) and set(item) == {"metric", "mode"}, key, item, "must be {metric: NAME, mode: max|min}")
+        _check(isinstance(item["metric"], str) and item["metric"] != "", f"{key}.metric", item["metric"],
+               "must be a metric name")
+        _check(item["mode"] in ("max", "min"), f"{key}.mode", item["mode"], "must be one of max, min")
+        _check(item["metric"] not in seen, f"{key}.metric", item["metric"], "is named twice")
+        seen.add(item["metric"])

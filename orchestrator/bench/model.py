@@ -23,11 +23,12 @@ import contextlib
 import os
 import platform
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from orchestrator.train.cost import batches, random_images, time_calls
 
 OPS = ("native", "reference")
 MODES = ("eager", "compile", "cudagraphs")
@@ -120,12 +121,6 @@ def build(rho: float, backbone: str, device: torch.device, seed: int = 0, **over
     return build_model(cfg).to(device).eval()
 
 
-def random_images(count: int, height: int, width: int, seed: int = 0) -> list[torch.Tensor]:
-    """`count` uint8 images [3, height, width] (the loader's format; normalised on the device)."""
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator) for _ in range(count)]
-
-
 def shard_images(source: str, count: int, *, val_scale: int = 800, max_size: int = 1333) -> list[torch.Tensor]:
     """The first `count` validation images of a shard set, resized as `sdo eval` resizes them."""
     from pipelines.loader import make_loader
@@ -143,43 +138,12 @@ def shard_images(source: str, count: int, *, val_scale: int = 800, max_size: int
     return images
 
 
-def batches(images: list[torch.Tensor], batch: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Padded, normalised batches on `device` (made before timing: FPS is the model's alone)."""
-    from pipelines.loader import collate_uint8
-    from pipelines.transforms import normalize_batch
-
-    out = []
-    for start in range(0, len(images) - batch + 1, batch):
-        pixels, mask, _ = collate_uint8([(image, None) for image in images[start:start + batch]])
-        mask = mask.to(device)
-        out.append((normalize_batch(pixels.to(device), mask), mask))
-    return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextlib.contextmanager
 def op_choice(op: str):
     from model import ms_deform_attn as msda
 
     with msda.reference_only() if op == "reference" else contextlib.nullcontext():
         yield
-
-
-def time_calls(forward, inputs, device: torch.device, count: int) -> list[float]:
-    """Seconds of each of `count` calls, cycling over `inputs`."""
-    seconds = []
-    for i in range(count):
-        images, mask = inputs[i % len(inputs)]
-        _sync(device)
-        start = time.perf_counter()
-        forward(images, mask)
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
 
 
 def measure_cell(model, setting: Setting, inputs, device: torch.device, *, warmup: int, iters: int) -> dict:

@@ -1,4 +1,4 @@
-"""`sdo bench ...`: benchmarks that print JSON (ops, data, train, model, flops, demo)."""
+"""`sdo bench ...`: benchmarks that print JSON (ops, data, train, model, flops, demo, sweep)."""
 import click
 
 
@@ -334,3 +334,25 @@ def gpu_check_command(out, stages, reference, no_build, cpu_dry_run) -> None:
     failed = [name for name, stage in report["stages"].items() if not stage["ok"]]
     if failed:
         raise gpu_check.GpuCheckFailed(f"gpu-check: stages failed: {', '.join(failed)} (see {out})")
+
+
+@bench.command("sweep")
+@click.option("--trials", default=200, show_default=True, type=click.IntRange(min=4), help="trials of the sweep")
+@click.option("--concurrent", default=4, show_default=True, type=click.IntRange(min=1), help="trials at once")
+@click.option("--image-size", default=32, show_default=True, type=click.IntRange(min=32), help="synthetic image side (px)")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="folder for the shards, runs and MLflow store [default: a new temp folder, kept]")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON here")
+def sweep_command(trials: int, concurrent: int, image_size: int, root: str | None, out: str | None) -> None:
+    """A many-trial sweep of a tiny model on the embedded cluster: time, and what it leaks (driver RSS and file
+    descriptors, Ray placement groups and actors, MLflow rows and disk per trial)."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.sweep import benchmark as bench_sweep
+
+    report = bench_sweep.run(trials=trials, concurrent=concurrent, image_size=image_size, root=root)
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -24,8 +24,12 @@ def sweep(config_path: str, cluster: str, overrides: tuple, name: str, resume: b
     run of the sweep's parent run. At the end a table of trials and the Pareto front of AP vs GFLOPs
     are printed and logged to the parent run.
 
-    Exit status: 0 all trials ended (completed or stopped early), 1 some trial failed,
-    130 interrupted (continue with --resume), 2 bad config or search space.
+    With `sweep.objectives` (e.g. AP max and latency_ms or gflops min) the search and the early stopping
+    (MO-ASHA) weigh every objective, and the report's front is over all of them.
+
+    Exit status: 0 all trials ended (completed or stopped early), 1 some trial failed (or more than
+    sweep.max_failures did, which ends the sweep), 130 interrupted (continue with --resume), 2 bad config,
+    search space or objective.
     """
     from orchestrator.cli.launch import check_local_resume, load_with_image
     from orchestrator.run.directory import default_name

@@ -41,7 +41,8 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 UI_QUERY = "workflowType=machine_learning"
 # The runs table's columns on a first visit: a view state stored as an experiment tag, named in the URL
 VIEW_KEY = "sdo"
-RUNS_TABLE_COLUMNS = ("metrics.`val/AP`", "metrics.`val/AP50`", "params.`model.rho`", "metrics.`model/GFLOPs`",
+RUNS_TABLE_COLUMNS = ("params.`model.rho`", "params.`loss.enc_aux_coef`", "metrics.`val/AP`", "metrics.`val/AP50`",
+                      "metrics.`model/GFLOPs`", "metrics.`model/latency_ms`", "tags.`sdo.pareto`",
                       "metrics.`model/params_M`", "metrics.`train/img_per_s`")
 GROUPS = ("train/", "val/", "data/", "model/", "system/")
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call
@@ -124,7 +125,8 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: str | None
 
 def runs_view_state() -> str:
     """The experiment page's view that sdo's URLs open (``viewStateShareKey``): newest runs first, with the
-    columns AP, AP50, rho, GFLOPs, params and img/s shown."""
+    columns rho, enc_aux_coef, AP, AP50, GFLOPs (850x1040), latency (a sweep's trials), pareto (a sweep's trials:
+    on its front), params and img/s shown."""
     import json
 
     return json.dumps({"orderByKey": "attributes.start_time", "orderByAsc": False,

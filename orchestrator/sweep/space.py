@@ -197,18 +197,25 @@ def describe_space(axes: list[Axis]) -> dict[str, str]:
     return {a.key: f"{a.kind} {list(a.values)}" for a in axes}
 
 
-def make_search(cfg: Config):
-    """Tune's grid/random variant generator, or OptunaSearch; both seeded by ``train.seed`` so that the
-    same sweep config samples the same trials (an interrupted sweep can be compared with a whole one)."""
+def make_search(cfg: Config, objectives: list | None = None):
+    """Tune's grid/random variant generator, or OptunaSearch (``sweep.optuna_sampler``: TPE or NSGA-II); both
+    seeded by ``train.seed`` so that the same sweep config samples the same trials (an interrupted sweep can be
+    compared with a whole one). ``objectives`` (pareto.Objective): with more than one, Optuna searches them
+    all at once (a multi-objective study), each trial told its objectives' values."""
     if cfg.sweep.search != "optuna":
         from ray.tune.search import BasicVariantGenerator
 
         # the concurrency limit goes into the generator: Tune ignores max_concurrent_trials beside one
         return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=cfg.sweep.max_concurrent)
     try:
-        import optuna  # noqa: F401
+        import optuna
     except ImportError:
         raise ConfigError("sweep.search=optuna: optuna is not installed (pip install 'sdo[optuna]')") from None
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(seed=cfg.train.seed)
+    seed = cfg.train.seed
+    sampler = (optuna.samplers.NSGAIISampler(seed=seed) if cfg.sweep.optuna_sampler == "nsga2"
+               else optuna.samplers.TPESampler(seed=seed))
+    if objectives is not None and len(objectives) > 1:
+        return OptunaSearch(metric=[o.metric for o in objectives], mode=[o.mode for o in objectives], sampler=sampler)
+    return OptunaSearch(sampler=sampler)

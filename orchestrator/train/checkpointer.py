@@ -12,6 +12,7 @@ Policy:
 - After a run, ``<run dir>/best`` links to the best folder (in object storage: the best folder's URI).
 - After a failure or an interrupt, folders that were never registered (a copy cut short) are removed,
   for a run and for every trial of a sweep.
+- A sweep's trial stopped early by its scheduler loses all its checkpoints when the sweep ends.
 The file format itself is orchestrator.run.checkpoints'.
 """
 from __future__ import annotations
@@ -157,6 +158,16 @@ class Checkpointer:
                 remove_tree(candidate)
                 removed.append(candidate)
         return removed
+
+    def remove_all(self) -> list:
+        """Delete every checkpoint folder of the run and its ``best`` link -> what was deleted (a sweep's trial
+        stopped early: it is never resumed and keeps no weights)."""
+        found = checkpoints.newest_first(self.run_dir)
+        for path in found:
+            remove_tree(path)
+        if not isinstance(self.run_dir, RemotePath):
+            (Path(self.run_dir) / BEST).unlink(missing_ok=True)
+        return found
 
     @classmethod
     def clean_sweep(cls, settings: CheckpointConfig, trials_dir) -> None:

@@ -56,9 +56,10 @@ def make_trainer(cfg: Config, run: RunIdentity, *, extra_callbacks: Iterable = (
     )
 
 
-def finalize(cfg: Config, run: RunIdentity, result) -> dict:
-    """After fit: point ``<run dir>/best`` at the best checkpoint, log its weights as the MLflow Model and the
-    plots, close the run -> the result summary."""
+def finalize(cfg: Config, run: RunIdentity, result, *, log_model: bool = True) -> dict:
+    """After fit: point ``<run dir>/best`` at the best checkpoint, log its weights as the MLflow Model (unless
+    ``log_model`` is false: a sweep logs models for the trials it keeps, when it ends) and the plots, close the
+    run -> the result summary."""
     from orchestrator.train import plots
 
     logger = run.logger(grouped=True)
@@ -66,7 +67,8 @@ def finalize(cfg: Config, run: RunIdentity, result) -> dict:
     best_path, mlflow_model = None, {}
     if best is not None:
         best_path = Checkpointer(cfg.checkpoint, run.directory).link_best(best.path)
-        mlflow_model = log_best_model(run, best_path, cfg.tracking.register_as)
+        if log_model:
+            mlflow_model = log_best_model(run, best_path, cfg.tracking.register_as)
     history = logger.history(sorted(set(logger.metric_keys())))
     if history:
         drawn = local_dir(run.directory) / "plots"
@@ -102,7 +104,7 @@ def log_best_model(run: RunIdentity, best_path, register_as: str | None) -> dict
 
 
 def run_training(cfg: Config, run: RunIdentity, *, extra_callbacks: Iterable = (), command: str = "launch",
-                 console: bool = False) -> dict:
+                 console: bool = False, log_model: bool = True) -> dict:
     """Train the opened ``run`` (orchestrator.run.lifecycle.open_run) of the preflighted ``cfg`` to the end,
     restarting from checkpoints on infrastructure failures -> result summary.
 
@@ -112,6 +114,7 @@ def run_training(cfg: Config, run: RunIdentity, *, extra_callbacks: Iterable = (
     is re-raised as the worker's own error when a worker failed (so its type says bad input or not);
     KILLED on Ctrl-C, which raises RunInterrupted once the run has stopped at a checkpoint.
     ``console``: show progress and epoch lines on stdout and keep all output in ``<run dir>/log.txt``.
+    ``log_model``: log the best weights as the run's MLflow Model (a sweep's trial does not: see finalize).
     """
     with contextlib.ExitStack() as stack:
         shown = stack.enter_context(Console(local_dir(run.directory))) if console else None
@@ -121,38 +124,30 @@ def run_training(cfg: Config, run: RunIdentity, *, extra_callbacks: Iterable = (
         log_model_size(cfg, run)
         trainer = make_trainer(cfg, run, extra_callbacks=extra_callbacks,
                                progress=shown.queue if shown is not None else None)
-        return _fit(trainer, cfg, run, command=command)
-
-
-FLOPS_MIN_SIDE = 128  # below it the extra feature level is 1x1 and GroupNorm refuses it
+        return _fit(trainer, cfg, run, command=command, log_model=log_model)
 
 
 def log_model_size(cfg: Config, run: RunIdentity) -> None:
-    """``model/GFLOPs`` (one square image at the eval size ``data.val_scale``, at least FLOPS_MIN_SIDE;
-    tag ``sdo.flops_size``) and ``model/params_M`` of a new run."""
-    import dataclasses
+    """``model/GFLOPs`` (one image at the paper's 850x1040, whatever size the run uses: train.cost; tag
+    ``sdo.flops_size``) and ``model/params_M`` of a new run."""
+    from orchestrator.train.cost import FLOPS_SIZE, FLOPS_TAG, bare_model_config, reference_gflops, size_name
 
     logger = run.logger()
     if "model/GFLOPs" in logger.metric_keys():
         return
     from model.build import build_model
-    from model.flops import count_flops
 
-    model_cfg = dataclasses.replace(cfg.model, checkpoint=None, init_from=None,
-                                    backbone=dataclasses.replace(cfg.model.backbone, weights=None))
-    network = build_model(model_cfg)
-    side = max(cfg.data.val_scale, FLOPS_MIN_SIDE)
     try:
-        gflops = float(count_flops(network.eval(), side, side)["total_gflops"])
+        gflops = reference_gflops(cfg.model)
     except Exception as err:  # noqa: BLE001 - a size column is not worth failing a run for
         log.warning("GFLOPs not counted (%s: %s)", type(err).__name__, err)
         gflops = None
-    params = sum(p.numel() for p in network.parameters()) / 1e6
+    params = sum(p.numel() for p in build_model(bare_model_config(cfg.model)).parameters()) / 1e6
     logger.metrics({"model/GFLOPs": gflops, "model/params_M": params}, step=0)
-    logger.tags({"sdo.flops_size": f"{side}x{side}"})
+    logger.tags({FLOPS_TAG: size_name(FLOPS_SIZE)})
 
 
-def _fit(trainer, cfg: Config, run: RunIdentity, *, command: str) -> dict:
+def _fit(trainer, cfg: Config, run: RunIdentity, *, command: str, log_model: bool) -> dict:
     run_dir = run.location()
     try:
         result = trainer.fit()
@@ -171,4 +166,4 @@ def _fit(trainer, cfg: Config, run: RunIdentity, *, command: str) -> dict:
         clear_stop(run_dir)
         set_status(run.tracking_uri, run.run_id, "KILLED")
         raise RunInterrupted(run.name, command)
-    return finalize(cfg, run, result)
+    return finalize(cfg, run, result, log_model=log_model)

@@ -109,7 +109,7 @@ def test_per_step_metrics_cover_every_step_once(run):
     assert stored["metrics"]["dam_recall"] == pytest.approx(recall[-1][1])
     metrics = run["mlflow_run"].data.metrics
     assert metrics["model/params_M"] > 0 and metrics["model/GFLOPs"] > 0
-    assert run["mlflow_run"].data.tags["sdo.flops_size"] == "128x128"  # 64-px eval images: the smallest countable
+    assert run["mlflow_run"].data.tags["sdo.flops_size"] == "850x1040"  # the paper's size, whatever the run evaluates at
     # MLflow system metrics, one node id per worker node (one node here)
     assert "system/node_0/cpu_utilization_percentage" in metrics
     assert not any(key.startswith("system/") and not key.startswith("system/node_0/") for key in metrics)

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from orchestrator.sweep.pareto import dominates, pareto_front
+from orchestrator.sweep.pareto import Objective, dominates, pareto_front
 from orchestrator.sweep.report import (
     best_trial,
     build_report,
@@ -68,7 +68,12 @@ def test_summarize_history_best_epoch_and_resumed_reports():
     ]
     assert summarize_history(history) == {"AP": 0.25, "AP50": 0.45, "img_per_s": 10.5, "epochs": 3}
     assert summarize_history([]) == {"AP": None, "AP50": None, "img_per_s": None, "epochs": 0}
-    assert summarize_history(history, mode="min")["AP"] == 0.10
+    assert summarize_history(history, [Objective("AP", "min")])["AP"] == 0.10
+    # several objectives: each one's value at the best epoch of the first
+    costly = [{**h, "latency_ms": 12.5, "loss": 1.0 / (h["epoch"] + 1)} for h in history]
+    assert summarize_history(costly, [Objective("AP", "max"), Objective("latency_ms", "min"),
+                                      Objective("loss", "min")]) == {
+        "AP": 0.25, "AP50": 0.45, "latency_ms": 12.5, "loss": 0.5, "img_per_s": 10.5, "epochs": 3}
 
 
 def test_status_best_and_savings():
@@ -78,8 +83,12 @@ def test_status_best_and_savings():
     assert trial_status("PENDING", 0, 4) == "pending"
     assert best_trial(ROWS)["trial"] == "t5"
     assert best_trial([_row("n", 0.1, None, 1.0)]) is None
-    assert epochs_saved(ROWS, budget=4) == {"full_grid_epochs": 32, "epochs_run": 25, "epochs_saved": 7,
+    # the failed t7 counts neither in the full grid nor as saved (issue 26: it was counted as 4 saved epochs)
+    assert epochs_saved(ROWS, budget=4) == {"full_grid_epochs": 28, "epochs_run": 25, "epochs_saved": 3,
                                             "stopped_early": 1}
+    failed_late = [*ROWS, _row("t9", 0.1, 0.9, 1.0, epochs=2, status="error")]
+    assert best_trial(failed_late)["trial"] == "t5"  # a failed trial's AP is not the best
+    assert epochs_saved(failed_late, budget=4) == epochs_saved(ROWS, budget=4)
 
 
 def test_table_has_first_class_columns_then_other_swept_keys():
@@ -95,14 +104,26 @@ def test_table_has_first_class_columns_then_other_swept_keys():
 
 
 def test_report_files(tmp_path):
-    report = build_report(ROWS, budget=4, flops_size=(850, 1040))
+    rows = [dict(r, params=dict(r["params"])) for r in ROWS]
+    rows[6]["error"] = "ValueError: loss.cls_coef: boom"
+    report = build_report(rows, budget=4, flops_size=(850, 1040))
     assert [r["trial"] for r in report["front"]] == ["t1", "t2", "t6", "t5"]
+    assert [r["rank"] for r in rows] == [1, 1, 2, 3, 1, 1, None, 2]  # t7 failed: unranked
+    assert [r["pareto"] for r in rows] == [True, True, False, False, True, True, False, False]
+    # hypervolume by hand: AP up, GFLOPs down; reference = worst AP - 10% span, worst GFLOPs + 10% span
+    ap_ref, gf_ref = 0.470 - 0.1 * 0.020, 140.0 + 0.1 * 34.6
+    volume = ((112.9 - 105.4) * (0.480 - ap_ref) + (135.6 - 112.9) * (0.486 - ap_ref)
+              + (gf_ref - 135.6) * (0.490 - ap_ref))
+    assert report["hypervolume"] == pytest.approx(volume)
     assert "Trials (GFLOPs of one 850x1040 image):" in report["text"]
-    paths = write_report(ROWS, report, tmp_path / "report")
+    assert "Pareto front (AP max, GFLOPs min): 4 trials, hypervolume" in report["text"]
+    assert "Failed trials:\n  t7: ValueError: loss.cls_coef: boom" in report["text"]
+    paths = write_report(rows, report, tmp_path / "report")
     with paths["pareto_csv"].open() as f:
         front = list(csv.DictReader(f))
     assert [r["trial"] for r in front] == ["t1", "t2", "t6", "t5"]
     assert [float(r["GFLOPs"]) for r in front] == pytest.approx([105.4, 112.9, 112.9, 135.6])
+    assert {r["pareto"] for r in front} == {"yes"} and {r["rank"] for r in front} == {"1"}
     with paths["trials_csv"].open() as f:
         assert len(list(csv.DictReader(f))) == len(ROWS)
     png = paths["pareto_png"].read_bytes()

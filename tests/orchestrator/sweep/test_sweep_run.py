@@ -100,7 +100,7 @@ def test_interrupted_then_resumed_to_the_end(sweep):
     # GFLOPs grow with the keep ratio (same network otherwise)
     by_rho = {t["params"]["model.rho"]: t["gflops"] for t in trials}
     assert by_rho[0.1] < by_rho[0.3]
-    assert "Pareto front (AP vs GFLOPs):" in resumed.stdout
+    assert "Pareto front (AP max, GFLOPs min): " in resumed.stdout
 
 
 def test_one_parent_and_one_child_per_trial_no_duplicates(sweep):
@@ -123,8 +123,17 @@ def test_one_parent_and_one_child_per_trial_no_duplicates(sweep):
         assert run.data.params["train.epochs"] == "2"
         assert run.data.tags["sdo.trial_id"] == trial["trial"]
         assert run.data.tags["sdo.sweep.status"] == trial["status"]
-        assert run.info.status == ("FINISHED" if trial["status"] == "completed" else "KILLED")
-        assert "val/AP" in run.data.metrics and run.data.metrics["gflops"] == pytest.approx(trial["gflops"])
+        # stopped early is a normal end: FINISHED, with a tag (issue 26)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags.get("sdo.stopped_early") == ("true" if trial["status"] == "stopped early" else None)
+        assert "val/AP" in run.data.metrics and run.data.metrics["model/GFLOPs"] == pytest.approx(trial["gflops"])
+        assert run.data.tags["sdo.flops_size"] == "850x1040"
+        assert run.data.tags["sdo.pareto"] == str(trial["pareto"]).lower()
+        # an MLflow Model only for a completed trial on the front; a trial stopped early keeps no checkpoint
+        kept = trial["pareto"] and trial["status"] == "completed"
+        assert ("sdo.model_uri" in run.data.tags) == kept, trial
+        if trial["status"] == "stopped early":
+            assert not list((sweep["dir"] / "trials" / run.info.run_name).glob("checkpoint_*"))
 
 
 def test_parent_run_records_space_best_trial_and_report(sweep):
@@ -134,11 +143,15 @@ def test_parent_run_records_space_best_trial_and_report(sweep):
     assert parent.data.params["space.model.rho"] == f"grid {RHOS}"
     assert parent.data.params["space.loss.enc_aux_coef"] == "choice [0.5, 2.0]"
     assert parent.data.params["sweep.budget_epochs"] == "2"
-    assert parent.data.params["sweep.flops_size"] == "128x128"
+    assert parent.data.params["sweep.flops_size"] == "850x1040"
     assert "rho" not in parent.data.tags
     trials = json.loads((sweep["dir"] / "report" / "trials.json").read_text())
     assert parent.data.tags["best_trial"] == trials["best"]["trial"]
     assert parent.data.metrics["best_AP"] == pytest.approx(max(t["AP"] for t in trials["trials"]))
+    # the interrupted sweep logged its summary after 1 ended trial, the resumed one after 2: no step twice (issue 26)
+    for key in ("best_AP", "epochs_run", "epochs_saved", "trials_stopped_early"):
+        steps = [m.step for m in client.get_metric_history(parent.info.run_id, key)]
+        assert len(steps) == len(set(steps)) and max(steps) == 2, (key, steps)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/pareto.png", "report/trials.csv", "report/pareto.csv", "report/report.md"} <= artifacts
 

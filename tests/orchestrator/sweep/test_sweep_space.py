@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.config import Config, ConfigError, load_config, set_value
-from orchestrator.sweep.rows import flops_size
+from orchestrator.sweep.pareto import Objective
 from orchestrator.sweep.schedulers import make_scheduler
 from orchestrator.sweep.space import (
     grid_size,
@@ -93,7 +93,7 @@ def test_grid_with_optuna_and_missing_optuna_are_config_errors():
         assert make_search(_cfg({"loss.cls_coef": {"choice": [1.0, 2.0]}}, search="optuna")) is not None
 
 
-def test_scheduler_budget_and_flops_size():
+def test_schedulers_and_their_rungs():
     cfg = _cfg({"loss.cls_coef": {"choice": [1.0, 2.0]}}, max_epochs=8, grace_period=2, reduction_factor=2)
     asha = make_scheduler(cfg)
     assert (asha._max_t, asha._time_attr, asha.budget) == (8, "epochs_done", 8)
@@ -103,21 +103,33 @@ def test_scheduler_budget_and_flops_size():
         make_scheduler(cfg)
     set_value(cfg, "sweep.scheduler", "fifo")
     assert type(make_scheduler(cfg)).__name__ == "FIFOScheduler"
-    assert flops_size(cfg) == (850, 1040)  # COCO-scale config: the paper's benchmark image
-    set_value(cfg, "data.val_scale", 256)
-    assert flops_size(cfg) == (256, 256)
-    set_value(cfg, "data.val_scale", 64)
-    assert flops_size(cfg) == (128, 128)
+    set_value(cfg, "sweep.scheduler", "asha")
+    set_value(cfg, "sweep.grace_period", 1)
+    several = [Objective("AP", "max"), Objective("gflops", "min")]
+    mo = make_scheduler(cfg, several)
+    assert type(mo).__name__ == "MultiObjectiveASHA" and sorted(mo.rungs) == [1, 2, 4]  # the same rungs as ASHA's
+    assert mo.objectives == several and mo.budget == 8
+    assert type(make_scheduler(cfg, several[:1])).__name__ == "EpochASHA"  # one objective: plain ASHA
 
 
-@pytest.mark.parametrize("space, key", [
-    ({"model.rhoo": {"grid": [0.1]}}, "model.rhoo"),
-    ({"model.rho": {"uniform": [0.1, 1.2]}}, "sweep.space.model.rho"),
-    ({"loss.giou_coef": {"gauss": [1, 2]}}, "sweep.space.loss.giou_coef"),
+GOOD_SPACE = {"model.rho": {"grid": [0.1]}}
+
+
+@pytest.mark.parametrize("space, sweep, key", [
+    ({"model.rhoo": {"grid": [0.1]}}, {}, "model.rhoo"),
+    ({"model.rho": {"uniform": [0.1, 1.2]}}, {}, "sweep.space.model.rho"),
+    ({"loss.giou_coef": {"gauss": [1, 2]}}, {}, "sweep.space.loss.giou_coef"),
+    (GOOD_SPACE, {"objectives": [{"metric": "AP", "mode": "max"}, {"metric": "latncy_ms", "mode": "min"}]},
+     "sweep.objectives[1].metric='latncy_ms': no trial reports it"),
+    (GOOD_SPACE, {"objectives": [{"metric": "AP", "mode": "maximize"}]}, "sweep.objectives[0].mode='maximize'"),
+    (GOOD_SPACE, {"objectives": [{"metric": "AP"}]}, "sweep.objectives[0]="),
+    (GOOD_SPACE, {"metric": "mAP"}, "sweep.metric='mAP': no trial reports it"),
+    (GOOD_SPACE, {"mode": "up"}, "sweep.mode='up'"),
 ])
-def test_cli_exits_2_naming_the_key(tmp_path, space, key):
+def test_cli_exits_2_naming_the_key(tmp_path, space, sweep, key):
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"train": {"storage_path": str(tmp_path / "runs")}, "sweep": {"space": space}}))
+    path.write_text(yaml.safe_dump({"train": {"storage_path": str(tmp_path / "runs")},
+                                    "sweep": {"space": space, **sweep}}))
     result = CliRunner().invoke(main, ["sweep", "--config", str(path), "--name", "bad"])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("sdo: error: ") and key in result.output
@@ -197,3 +209,23 @@ def test_resume_on_a_kuberay_spec_is_refused():
 def test_resume_needs_the_sweep_name():
     result = CliRunner().invoke(main, ["sweep", "--config", str(CONFIGS / "sweep_demo.yaml"), "--resume"])
     assert result.exit_code == 2 and "--resume needs the --name" in result.output
+
+
+def test_optuna_searches_several_objectives_at_once():
+    import optuna
+
+    cfg = _cfg({"loss.cls_coef": {"choice": [1.0, 2.0]}, "model.rho": {"uniform": [0.1, 0.5]}}, search="optuna",
+               optuna_sampler="nsga2")
+    searcher = make_search(cfg, [Objective("AP", "max"), Objective("latency_ms", "min")])
+    # what Tune does with it when TuneConfig names no single metric
+    assert searcher.set_search_properties(None, None, to_tune(parse_space(cfg)))
+    study = searcher._ot_study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    params = searcher.suggest("t1")
+    assert params["loss.cls_coef"] in (1.0, 2.0) and 0.1 <= params["model.rho"] <= 0.5
+    searcher.on_trial_complete("t1", {"AP": 0.4, "latency_ms": 12.0})
+    assert [t.values for t in study.trials] == [[0.4, 12.0]]
+    single = make_search(cfg, [Objective("AP", "max")])
+    assert single.set_search_properties("AP", "max", to_tune(parse_space(cfg)))
+    assert [d.name for d in single._ot_study.directions] == ["MAXIMIZE"]
